@@ -1,0 +1,122 @@
+"""
+The one configuration loader every script imports: config.yaml (or --config PATH), then command-line
+overrides --section.key=value, then checks that catch impossible combinations before a long run starts.
+A bad value is a one-line error naming it, with exit status 2 and no traceback.
+"""
+import os
+import sys
+
+import yaml
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def typed_like(default, value, key):
+    """value, checked to have the type of the default (an int is accepted for a float)."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, list) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if type(value) is not type(default):
+        fail(f"{key}={value!r}: expected {type(default).__name__}, like {default!r}")
+    return value
+
+
+def cast_like(default, text, key):
+    if isinstance(default, str):
+        return text  # a string option is taken as written, e.g. --data.data_dir=2024
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        fail(f"--{key}={text!r} is not a valid value")
+    return typed_like(default, value, key)
+
+
+def apply_overrides(cfg, args):
+    for arg in args:  # "--training.batch_size=64"
+        key, sep, text = arg.removeprefix("--").partition("=")
+        section, _, name = key.partition(".")
+        if not arg.startswith("--") or not sep or name not in cfg.get(section, {}):
+            fail(f"unknown option {arg!r}: expected --section.key=value with a key of config.yaml")
+        cfg[section][name] = cast_like(cfg[section][name], text, key)
+    return cfg
+
+
+def check(cfg):
+    m, d = cfg["model"], cfg["diffusion"]
+    choices = {("model", "name"): ("dit", "unet"), ("model", "conditioning"): ("adaln", "token"),
+               ("model", "pos_embed"): ("sincos", "learned"),
+               ("diffusion", "noise_schedule"): ("linear", "cosine", "polynomial"),
+               ("sampling", "sampler"): ("ddpm", "ddim"), ("training", "precision"): ("auto", "fp32", "bf16")}
+    for (section, name), allowed in choices.items():
+        if cfg[section][name] not in allowed:
+            fail(f"{section}.{name}={cfg[section][name]!r} is not one of {', '.join(allowed)}")
+    if m["hidden_dim"] % m["num_heads"]:
+        fail(f"hidden_dim={m['hidden_dim']} is not divisible by num_heads={m['num_heads']}")
+    if m["num_kv_heads"] < 1 or m["num_heads"] % m["num_kv_heads"]:
+        fail(f"num_heads={m['num_heads']} is not a multiple of num_kv_heads={m['num_kv_heads']}")
+    if m["image_size"] % m["patch_size"]:
+        fail(f"image_size={m['image_size']} is not divisible by patch_size={m['patch_size']}")
+    if m["name"] == "dit" and (m["hidden_dim"] // m["num_heads"]) % 2:
+        fail(f"hidden_dim / num_heads = {m['hidden_dim'] // m['num_heads']} must be even")
+    if m["name"] == "dit" and m["pos_embed"] == "sincos" and m["hidden_dim"] % 4:
+        fail(f"hidden_dim={m['hidden_dim']} must be a multiple of 4 for sincos position embeddings")
+    if m["name"] == "unet" and m["image_size"] % 2 ** (len(m["channel_mult"]) - 1):
+        fail(f"image_size={m['image_size']} cannot be halved {len(m['channel_mult']) - 1} times "
+             f"for channel_mult={m['channel_mult']}")
+    if m["name"] == "unet" and (m["num_channels"] * min(m["channel_mult"])) % m["unet_num_heads"]:
+        fail(f"num_channels={m['num_channels']} is not divisible by unet_num_heads={m['unet_num_heads']}")
+    if not 0 <= m["class_dropout"] < 1:
+        fail(f"class_dropout={m['class_dropout']} must be in [0, 1)")
+    if d["num_steps"] < 1:
+        fail(f"num_steps={d['num_steps']} must be at least 1")
+    if not 0 < d["beta_start"] <= d["beta_end"] < 1:
+        fail(f"beta_start={d['beta_start']}, beta_end={d['beta_end']}: expected 0 < beta_start <= beta_end < 1")
+    if d["power"] <= 0:
+        fail(f"power={d['power']} must be positive")
+    for section, name in (("training", "batch_size"), ("sampling", "batch_size"), ("sampling", "steps")):
+        if cfg[section][name] < 1:
+            fail(f"{section}.{name}={cfg[section][name]} must be at least 1")
+    return cfg
+
+
+def load_config(args=(), path=None):
+    """The configuration as a dict of sections. args are the --section.key=value overrides; a --config PATH
+    (or --config=PATH) among them replaces config.yaml."""
+    args = list(args)
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            fail("--config needs a path")
+        path = args.pop(i + 1)
+        args.pop(i)
+    for arg in list(args):
+        if arg.startswith("--config="):
+            path = arg.partition("=")[2]
+            args.remove(arg)
+    path = path or DEFAULT_CONFIG
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except OSError as e:
+        fail(f"cannot read config {path!r}: {e.strerror}")
+    except yaml.YAMLError as e:
+        fail(f"config {path!r} is not valid YAML: {str(e).splitlines()[0]}")
+    if path != DEFAULT_CONFIG:
+        # a preset may hold only the keys it changes; the rest come from config.yaml
+        with open(DEFAULT_CONFIG) as f:
+            base = yaml.safe_load(f)
+        for section, values in (cfg or {}).items():
+            if section not in base or not isinstance(values, dict):
+                fail(f"config {path!r}: unknown section {section!r}")
+            for name, value in values.items():
+                if name not in base[section]:
+                    fail(f"config {path!r}: unknown key {section}.{name}")
+                base[section][name] = typed_like(base[section][name], value, f"{section}.{name}")
+        cfg = base
+    return check(apply_overrides(cfg, args))

@@ -1,0 +1,240 @@
+"""
+CIFAR-10 as one in-memory uint8 tensor. The whole training set is 150 MB, so it is read once and batches
+are cut from it with tensor indexing (on the GPU when training there): no loader workers, nothing to
+stall a step. Also the image-grid writer every script uses, and `python data.py [DIR]`, which checks a
+data directory the way you want before a long run.
+"""
+import os
+import pickle
+import socket
+import sys
+
+import numpy as np
+import torch
+
+from config import fail
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+BATCHES = "cifar-10-batches-py"
+SPLIT_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+SEARCHED = ["data", os.path.join("..", "shared", "data")]  # relative to the working directory
+
+# -----------------------------------------------------------------------------
+# finding and reading the python batches
+
+
+def batches_dir(path):
+    """The cifar-10-batches-py folder at or inside path, or None."""
+    for candidate in (path, os.path.join(path, BATCHES)):
+        if os.path.isfile(os.path.join(candidate, "data_batch_1")) or os.path.isfile(os.path.join(candidate, "test_batch")):
+            return candidate
+    return None
+
+
+def online(host="pypi.org", port=443, timeout=3):
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def find_data_dir(data_dir=""):
+    """Where the batches are: the given folder, else $CIFAR10_DIR, else ./data or ../shared/data. When none
+    holds them and the machine is online, torchvision downloads them into ./data (or the given folder)."""
+    chosen = data_dir or os.environ.get("CIFAR10_DIR", "")
+    for candidate in [chosen] if chosen else SEARCHED:
+        found = batches_dir(candidate)
+        if found:
+            return found
+    target = chosen or "data"
+    if not online():
+        fail(f"no CIFAR-10 python batches in {target!r} and this machine is offline: put the folder "
+             f"{BATCHES}/ there, or pass --data.data_dir=DIR (or set CIFAR10_DIR)")
+    import torchvision
+    print(f"downloading CIFAR-10 into {target}/ ...")
+    torchvision.datasets.CIFAR10(target, train=True, download=True)
+    return os.path.join(target, BATCHES)
+
+
+def read_batch(path):
+    """One pickle -> (uint8 images (N, 3, 32, 32), int64 labels (N,)). No md5 check, so re-packs load."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data, labels = batch[b"data"], batch[b"labels"]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
+        fail(f"cannot read CIFAR-10 batch {path!r}: {type(e).__name__}: {e}")
+    images = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)  # planes R, G, B, each row-major
+    return torch.from_numpy(images.copy()), torch.tensor(labels, dtype=torch.long)
+
+
+def load_cifar10(data_dir="", split="train"):
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,), class names) for split train or test."""
+    if split not in SPLIT_FILES:
+        fail(f"split={split!r} is not one of train, test")
+    folder = find_data_dir(data_dir)
+    parts = []
+    for name in SPLIT_FILES[split]:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            fail(f"{path!r} is missing: a CIFAR-10 {split} split needs {', '.join(SPLIT_FILES[split])}")
+        parts.append(read_batch(path))
+    images = torch.cat([p[0] for p in parts])
+    labels = torch.cat([p[1] for p in parts])
+    return images, labels, class_names(folder)
+
+
+def class_names(folder):
+    meta = os.path.join(folder, "batches.meta")
+    if os.path.isfile(meta):
+        with open(meta, "rb") as f:
+            return [n.decode() for n in pickle.load(f, encoding="bytes")[b"label_names"]]
+    return list(CIFAR10_CLASSES)
+
+
+def write_synthetic_cifar(folder, num_train=50, num_test=20, num_classes=10, seed=0):
+    """A tiny CIFAR-format copy (same pickles, same layout) so tests need no real data. Each class gets its
+    own colour plus noise, so a model can tell classes apart. Returns the cifar-10-batches-py path."""
+    rng = np.random.default_rng(seed)
+    out = os.path.join(folder, BATCHES)
+    os.makedirs(out, exist_ok=True)
+    palette = rng.integers(0, 256, size=(num_classes, 3))
+
+    def make(n):
+        labels = np.arange(n) % num_classes
+        images = palette[labels][:, :, None, None] + rng.normal(0, 20, size=(n, 3, 32, 32))
+        return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072), labels.tolist()
+
+    per_batch = -(-num_train // 5)
+    train_data, train_labels = make(num_train)
+    for i in range(5):
+        rows = slice(i * per_batch, (i + 1) * per_batch)
+        batch = {b"batch_label": f"training batch {i + 1} of 5".encode(), b"labels": train_labels[rows],
+                 b"data": train_data[rows], b"filenames": [b"synthetic.png"] * len(train_labels[rows])}
+        with open(os.path.join(out, f"data_batch_{i + 1}"), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    test_data, test_labels = make(num_test)
+    with open(os.path.join(out, "test_batch"), "wb") as f:
+        pickle.dump({b"batch_label": b"testing batch 1 of 1", b"labels": test_labels, b"data": test_data,
+                     b"filenames": [b"synthetic.png"] * num_test}, f, protocol=2)
+    with open(os.path.join(out, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in CIFAR10_CLASSES[:num_classes]],
+                     b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f, protocol=2)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# batches for training
+
+
+def to_model_range(images_uint8):
+    return images_uint8.float().div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
+
+
+def to_uint8(images):
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> [0, 255]
+
+
+def random_batches(images, labels, batch_size, generator, random_flip=True, indices=None):
+    """One epoch of (x in [-1, 1], y) batches over `indices` (default: all), shuffled with `generator`,
+    which must live on the images' device. The last partial batch is dropped so every step has the same
+    shape (one compiled graph, comparable step times)."""
+    device = images.device
+    if indices is None:
+        indices = torch.arange(len(images), device=device)
+    order = indices[torch.randperm(len(indices), device=device, generator=generator)]
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start:start + batch_size]
+        x = to_model_range(images[idx])
+        if random_flip:
+            flip = torch.rand(batch_size, device=device, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        yield x, labels[idx]
+
+
+# -----------------------------------------------------------------------------
+# pictures
+
+
+def save_grid(images, path, nrow, row_labels=None, title=None):
+    """Save uint8 images (N, 3, H, W) as a PNG grid of nrow images per row, each row optionally labelled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    rows = -(-len(images) // nrow)
+    fig_w = 1.2 + grid.shape[1] / 40
+    fig, ax = plt.subplots(figsize=(fig_w, 0.4 + grid.shape[0] / 40), dpi=100)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([])
+    cell = grid.shape[0] / rows
+    if row_labels:
+        ax.set_yticks([cell * (i + 0.5) for i in range(len(row_labels))], row_labels, fontsize=8)
+    else:
+        ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_curves(csv_path, png_path, x_key, y_keys, title, log_y=True):
+    """Line plot of columns y_keys against x_key from a CSV with a header row."""
+    import csv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    xs = [float(r[x_key]) for r in rows]
+    for key in y_keys:
+        ax.plot(xs, [float(r[key]) for r in rows], label=key, marker="." if len(rows) < 30 else None)
+    ax.set_xlabel(x_key)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def class_grid(images, labels, names, per_class=10):
+    """The first per_class images of each class, one class per row (for the real and sample grids)."""
+    picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(names))]
+    keep = [c for c, p in enumerate(picks) if len(p) == per_class]
+    return images[torch.cat([picks[c] for c in keep])], [names[c] for c in keep]
+
+
+# -----------------------------------------------------------------------------
+# python data.py [DIR]: check a data directory before a long run
+
+if __name__ == "__main__":
+    folder = find_data_dir(sys.argv[1] if len(sys.argv) > 1 else "")
+    print(f"CIFAR-10 python batches in {folder}")
+    for split in ("train", "test"):
+        if not all(os.path.isfile(os.path.join(folder, n)) for n in SPLIT_FILES[split]):
+            print(f"{split}: missing")
+            continue
+        images, labels, names = load_cifar10(folder, split)
+        counts = torch.bincount(labels, minlength=len(names)).tolist()
+        x = images.float() / 255
+        mean = x.mean(dim=(0, 2, 3)).tolist()
+        std = x.std(dim=(0, 2, 3)).tolist()
+        print(f"{split}: {len(images)} images, {tuple(images.shape[1:])} uint8")
+        print("  per class: " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
+        print("  mean " + " ".join(f"{v:.4f}" for v in mean) + " | std " + " ".join(f"{v:.4f}" for v in std))
+        if split == "train":
+            grid, row_names = class_grid(images, labels, names)
+            save_grid(grid, os.path.join("outputs", "real_grid.png"), nrow=10, row_labels=row_names,
+                      title="real CIFAR-10 training images, 10 per class")
+            print("wrote outputs/real_grid.png")

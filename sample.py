@@ -1,0 +1,220 @@
+"""
+Draw images from a checkpoint (EMA weights by default) with the DDPM or DDIM sampler, respaced to any
+number of steps, with classifier-free guidance. Writes the class grid, the timestep grid, and optionally
+a samples file for evaluate.py:
+
+    python sample.py --checkpoint model/best_model.pth --sampler ddim --steps 50 --guidance_scale 2
+    python sample.py --checkpoint model/best_model.pth --num_samples 50000 --out samples.npz
+    python sample.py --checkpoint model/best_model.pth --num_samples 100 --out samples/
+
+The training scripts import sample_images, save_class_grid and save_timestep_grid from here.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from config import fail
+from data import save_grid, to_uint8
+from diffusion import Diffusion
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidance_scale=None, batch_size=None,
+                  generator=None, callback=None, progress=False):
+    """Images in [-1, 1] for the given labels (N,), drawn in batches; unset arguments come from
+    cfg["sampling"]. callback(i, x, batch_index) sees each reverse step of each batch."""
+    s = cfg["sampling"]
+    sampler = sampler or s["sampler"]
+    steps = steps or s["steps"]
+    eta = s["eta"] if eta is None else eta
+    guidance_scale = s["guidance_scale"] if guidance_scale is None else guidance_scale
+    batch_size = batch_size or s["batch_size"]
+    diffusion = Diffusion.from_config(cfg["diffusion"]).respace(steps)
+    m = cfg["model"]
+    shape = (m["image_channels"], m["image_size"], m["image_size"])
+    out = []
+    batches = range(0, len(labels), batch_size)
+    for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+        y = labels[start:start + batch_size]
+        step_callback = None if callback is None else (lambda i, x, b=b: callback(i, x, b))
+        out.append(diffusion.sample(model, (len(y),) + shape, y, sampler=sampler, eta=eta,
+                                    guidance_scale=guidance_scale, clip_denoised=s["clip_denoised"],
+                                    null_class=m["num_classes"], generator=generator, callback=step_callback))
+    return torch.cat(out) if out else torch.empty((0,) + shape)
+
+
+def save_class_grid(model, cfg, class_names, path, classes=None, per_class=10, generator=None, progress=False,
+                    **options):
+    """One row per class (all classes unless given), per_class samples each, rows labelled by name.
+    options are sample_images's: sampler, steps, eta, guidance_scale, batch_size."""
+    device = next(model.parameters()).device
+    classes = list(range(len(class_names))) if classes is None else classes
+    labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
+    images = sample_images(model, cfg, labels, generator=generator, progress=progress, **options)
+    s = cfg["sampling"]
+    title = (f"{(options.get('sampler') or s['sampler']).upper()}-{options.get('steps') or s['steps']}, guidance "
+             f"{s['guidance_scale'] if options.get('guidance_scale') is None else options['guidance_scale']:g}")
+    save_grid(to_uint8(images).cpu(), path, nrow=per_class, row_labels=[class_names[c] for c in classes], title=title)
+    return images
+
+
+def save_timestep_grid(model, cfg, path, num_samples=10, num_snapshots=10, generator=None, **kwargs):
+    """num_samples rows, each showing num_snapshots evenly spaced states of its reverse process, ending at
+    the final image. Labels cycle through the classes."""
+    device = next(model.parameters()).device
+    labels = torch.arange(num_samples, device=device) % cfg["model"]["num_classes"]
+    steps = kwargs.pop("steps", None) or cfg["sampling"]["steps"]
+    steps = min(steps, cfg["diffusion"]["num_steps"])
+    num_steps = len(Diffusion.from_config(cfg["diffusion"]).respace(steps).timestep_map)
+    keep = set(np.linspace(0, num_steps - 1, num_snapshots).round().astype(int).tolist())
+    snapshots = []
+
+    def record(i, x, batch_index):
+        if i in keep:
+            snapshots.append(to_uint8(x).cpu())
+
+    sample_images(model, cfg, labels, steps=steps, batch_size=num_samples, generator=generator, callback=record,
+                  **kwargs)
+    grid = torch.stack(snapshots, dim=1).flatten(0, 1)  # (samples * snapshots, C, H, W), row per sample
+    save_grid(grid, path, nrow=len(snapshots), title="reverse process, noise (left) to image (right)")
+
+
+# -----------------------------------------------------------------------------
+# samples files: uint8 NHWC images with labels, as .npz or a folder of PNGs
+
+
+def write_samples_npz(path, model, cfg, labels, progress=True, **kwargs):
+    """Samples go batch by batch into a file-backed array, so 50,000 of them never sit twice in memory;
+    the .npz is then written next to it and renamed into place."""
+    m = cfg["model"]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    scratch = os.path.join(folder, f".tmp-{os.getpid()}-images.npy")
+    images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8,
+                                       shape=(len(labels), m["image_size"], m["image_size"], m["image_channels"]))
+    try:
+        batch_size = kwargs.pop("batch_size", None) or cfg["sampling"]["batch_size"]
+        for start in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress):
+            y = labels[start:start + batch_size]
+            x = sample_images(model, cfg, y, batch_size=batch_size, **kwargs)
+            images[start:start + len(y)] = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+        images.flush()
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}.npz")
+        np.savez(tmp, images=images, labels=labels.cpu().numpy().astype(np.int64))
+        os.replace(tmp, path)
+    finally:
+        del images
+        os.unlink(scratch)
+
+
+def write_samples_folder(folder, model, cfg, labels, class_names, progress=True, **kwargs):
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    batch_size = kwargs.pop("batch_size", None) or cfg["sampling"]["batch_size"]
+    for start in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress):
+        y = labels[start:start + batch_size]
+        x = to_uint8(sample_images(model, cfg, y, batch_size=batch_size, **kwargs)).permute(0, 2, 3, 1).cpu().numpy()
+        for j, (image, label) in enumerate(zip(x, y.tolist())):
+            Image.fromarray(image).save(os.path.join(folder, f"{class_names[label]}_{start + j:05d}.png"))
+
+
+def read_samples(path):
+    """(uint8 images (N, H, W, C), int64 labels (N,) or None) from an .npz or a folder of PNGs."""
+    if os.path.isdir(path):
+        from PIL import Image
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        if not files:
+            fail(f"sample folder {path!r} holds no .png files")
+        return np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in files]), None
+    if not os.path.isfile(path):
+        fail(f"samples {path!r} do not exist")
+    try:
+        with np.load(path) as f:
+            return f["images"], (f["labels"] if "labels" in f else None)
+    except Exception as e:
+        fail(f"samples {path!r} cannot be read as an .npz with an 'images' array ({type(e).__name__})")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_classes(text, num_classes):
+    if text == "all":
+        return list(range(num_classes))
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        fail(f"--classes={text!r}: expected comma-separated class ids like 0,3,5 or 'all'")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        fail(f"--classes: class id {bad[0]} is out of range 0..{num_classes - 1}")
+    return classes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"])
+    parser.add_argument("--steps", type=int, help="respaced steps, e.g. 1000, 250, 50")
+    parser.add_argument("--eta", type=float)
+    parser.add_argument("--guidance_scale", type=float, help="classifier-free guidance; 1.0 is none")
+    parser.add_argument("--classes", default="all", help="comma-separated class ids, or all")
+    parser.add_argument("--per_class", type=int, default=10)
+    parser.add_argument("--num_samples", type=int, default=0, help="with --out: this many samples, classes cycling")
+    parser.add_argument("--out", help="samples.npz, or a folder/ for PNG files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output_dir", default="outputs")
+    parser.add_argument("--no-grids", action="store_true", help="skip the class and timestep grids")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name}={getattr(args, name)} must be at least 1")
+    if args.per_class < 1:
+        fail(f"--per_class={args.per_class} must be at least 1")
+    if args.num_samples < 0 or (args.num_samples and not args.out):
+        fail(f"--num_samples={args.num_samples}: expected a positive count together with --out")
+
+    from checkpoint import model_from_checkpoint
+    from csrc import KERNELS_PATH
+    model, cfg, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, map_location=args.device)
+    names = state.get("class_names") or [str(i) for i in range(cfg["model"]["num_classes"])]
+    classes = parse_classes(args.classes, cfg["model"]["num_classes"])
+    options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+                   batch_size=args.batch_size)
+    print(f"{args.checkpoint}: step {state.get('step', '?')}, {'raw' if args.no_ema else 'EMA'} weights, "
+          f"kernels: {KERNELS_PATH}, device {args.device}")
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    started = time.time()
+    if not args.no_grids:
+        grid_path = os.path.join(args.output_dir, "sample_grid.png")
+        save_class_grid(model, cfg, names, grid_path, classes, args.per_class, generator, progress=True, **options)
+        save_timestep_grid(model, cfg, os.path.join(args.output_dir, "timestep_grid_10x10.png"), generator=generator,
+                           **options)
+        print(f"wrote {grid_path} and {os.path.join(args.output_dir, 'timestep_grid_10x10.png')}")
+    if args.out:
+        labels = torch.tensor(classes, device=args.device).repeat(-(-args.num_samples // len(classes)))[:args.num_samples]
+        writer_started = time.time()
+        if args.out.endswith("/") or os.path.isdir(args.out):
+            write_samples_folder(args.out, model, cfg, labels, names, generator=generator, **options)
+        else:
+            write_samples_npz(args.out, model, cfg, labels, generator=generator, **options)
+        seconds = time.time() - writer_started
+        print(f"wrote {args.num_samples} samples to {args.out} in {seconds:.1f} s "
+              f"({args.num_samples / max(seconds, 1e-9):.1f} samples/s)")
+    print(f"done in {time.time() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

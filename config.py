@@ -3,6 +3,7 @@ The one configuration loader every script imports: config.yaml (or --config PATH
 overrides --section.key=value, then checks that catch impossible combinations before a long run starts.
 A bad value is a one-line error naming it, with exit status 2 and no traceback.
 """
+import copy
 import os
 import sys
 
@@ -85,10 +86,13 @@ def check(cfg):
     return cfg
 
 
-def load_config(args=(), path=None):
+def load_config(args=(), path=None, base=None):
     """The configuration as a dict of sections. args are the --section.key=value overrides; a --config PATH
-    (or --config=PATH) among them replaces config.yaml."""
+    (or --config=PATH) among them replaces config.yaml. base, when given, is a configuration to start from
+    instead of a file (a resumed run's own)."""
     args = list(args)
+    if base is not None:
+        return check(apply_overrides(copy.deepcopy(base), args))
     if "--config" in args:
         i = args.index("--config")
         if i + 1 >= len(args):

@@ -320,8 +320,11 @@ def model_summary(model, model_cfg):
     size = c["image_size"]
     x = torch.zeros(1, c["image_channels"], size, size)
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no label dropout: counting FLOPs must not consume random numbers (exact resume)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x.to(device), torch.zeros(1, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
     if c["name"] == "dit":
         arch = (f"DiT {c['conditioning']} patch {c['patch_size']} dim {c['hidden_dim']} depth {c['depth']} "

@@ -161,6 +161,7 @@ def parse_classes(text, num_classes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.error = fail  # one line, exit status 2, instead of argparse's usage block
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"])

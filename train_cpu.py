@@ -78,7 +78,8 @@ def ema_rate_at(step, ema_rate):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Train a class-conditional DDPM on one CPU.",
                                      epilog="Any config value can also be set as --section.key=value.")
-    parser.add_argument("--model", choices=["unet", "dit"], default="unet")
+    parser.error = fail  # one line, exit status 2, instead of argparse's usage block
+    parser.add_argument("--model", choices=["unet", "dit"], help="default unet (a resumed run keeps its own)")
     parser.add_argument("--config", help="a config file in place of config.yaml")
     parser.add_argument("--data_dir", help="CIFAR-10 folder (same as --data.data_dir)")
     for name in ("image_size", "num_channels", "num_res_blocks", "diffusion_steps", "batch_size", "max_steps",
@@ -107,9 +108,10 @@ def parse_args(argv):
     return args, rest
 
 
-def build_config(args, overrides):
-    """config.yaml < the improved-diffusion flags given < --section.key=value overrides."""
-    flags = {"model.name": args.model, "data.data_dir": args.data_dir, "model.image_size": args.image_size,
+def build_config(args, overrides, base=None):
+    """config.yaml (or a resumed run's config, base) < the improved-diffusion flags given < --section.key=value
+    overrides."""
+    flags = {"model.name": args.model or (None if base else "unet"), "data.data_dir": args.data_dir, "model.image_size": args.image_size,
              "model.num_channels": args.num_channels, "model.num_res_blocks": args.num_res_blocks,
              "diffusion.num_steps": args.diffusion_steps, "diffusion.noise_schedule": args.noise_schedule,
              "training.learning_rate": args.lr, "training.batch_size": args.batch_size,
@@ -120,7 +122,7 @@ def build_config(args, overrides):
              else f"[{args.attention_resolutions}]"}
     given = [f"--{key}={value}" for key, value in flags.items() if value is not None]
     config_args = (["--config", args.config] if args.config else []) + given + overrides
-    cfg = load_config(config_args)
+    cfg = load_config(config_args, base=base)
     if cfg["model"]["image_size"] != 32:
         fail(f"image_size={cfg['model']['image_size']}: CIFAR-10 images are 32x32")
     for name in ("log_interval", "save_interval"):
@@ -150,11 +152,7 @@ def main(argv):
     from sample import save_class_grid
 
     resumed = load_checkpoint(args.resume) if args.resume else None
-    if resumed is not None and not overrides and all(v is None for k, v in vars(args).items()
-                                                     if k in ("image_size", "num_channels", "num_res_blocks")):
-        cfg = resumed["config"]  # continue exactly the run that was saved
-    else:
-        cfg = build_config(args, overrides)
+    cfg = build_config(args, overrides, base=resumed["config"] if resumed else None)
     tc = cfg["training"]
     torch.set_num_threads(args.threads or os.cpu_count())
     run = os.path.basename(os.path.dirname(os.path.abspath(args.resume))) if args.resume else (
@@ -173,7 +171,11 @@ def main(argv):
     diffusion = Diffusion.from_config(cfg["diffusion"])
     step, elapsed = 0, 0.0
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
+        try:
+            model.load_state_dict(resumed["model"])
+        except RuntimeError:
+            fail(f"--resume {args.resume}: its weights do not fit the model the given flags describe; "
+                 f"leave out flags that change the architecture")
         ema.load_state_dict(resumed["ema"])
         optimizer.load_state_dict(resumed["optimizer"])
         step, elapsed = resumed["step"], resumed.get("elapsed", 0.0)

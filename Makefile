@@ -1,0 +1,55 @@
+# Every target works on a fresh clone: it sets up .venv first. Pass options through, e.g.
+#   make train ARGS="--training.batch_size=64"      make sample CHECKPOINT=model/best_model.pth
+PYTHON ?= python3
+PY := .venv/bin/python
+ARGS ?=
+CONFIG ?= configs/cpu_2h.yaml
+CHECKPOINT ?= model/best_model.pth
+NUM_SAMPLES ?= 5000
+PYTEST_ARGS ?=
+# torch guesses the CUDA toolkit from nvcc's location, which can be wrong; name it where it is standard
+CUDA_HOME ?= $(wildcard /usr/local/cuda)
+export CUDA_HOME
+NUM_GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+NPROC ?= $(if $(filter-out 0,$(NUM_GPUS)),$(NUM_GPUS),1)
+
+.PHONY: setup test train sample eval kernels kernels-cuda bench clean
+
+setup: .venv/.installed
+
+.venv/.installed: requirements.txt
+	$(PYTHON) -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# the main job: torchrun on every GPU there is, else the CPU recipe
+train: setup
+ifneq ($(filter-out 0,$(NUM_GPUS)),)
+	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) train_ddp.py $(ARGS)
+else
+	$(PY) train_cpu.py --config $(CONFIG) $(ARGS)
+endif
+
+sample: setup
+	$(PY) sample.py --checkpoint $(CHECKPOINT) $(ARGS)
+
+eval: setup
+	$(PY) evaluate.py --checkpoint $(CHECKPOINT) --num-samples $(NUM_SAMPLES) $(ARGS)
+
+# the C++ (and, with a CUDA toolkit, CUDA) extension, built in place; scripts fall back to PyTorch without it
+kernels: setup
+	$(PY) setup.py build_ext --inplace -q
+
+# compile the CUDA sources for sm_80 and sm_90 without a GPU: catches build errors on CPU-only machines
+kernels-cuda: setup
+	$(PY) csrc/check_cuda_build.py
+
+test: setup kernels
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup kernels
+	$(PY) bench.py $(ARGS)
+
+clean:
+	rm -rf build csrc/*.so csrc/__pycache__ __pycache__ tests/__pycache__

@@ -1,0 +1,137 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+from config import load_config
+from diffusion import Diffusion, get_beta_schedule
+from model import DiT, UNet, attention_reference, build_model, model_summary, update_ema
+
+SHAPES = [(1, 1, 1, 1, 8), (2, 4, 4, 17, 16), (3, 8, 2, 65, 48), (2, 6, 3, 33, 80), (1, 8, 1, 7, 128),
+          (2, 4, 2, 64, 24)]  # (B, H, KV, N, D), odd N included
+
+
+@pytest.mark.parametrize("B,H,KV,N,D", SHAPES)
+def test_gqa_with_equal_heads_equals_sdpa(B, H, KV, N, D):
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    torch.testing.assert_close(attention_reference(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,H,KV,N,D", SHAPES)
+def test_gqa_equals_attention_on_repeated_kv(B, H, KV, N, D):
+    q = torch.randn(B, H, N, D)
+    k, v = torch.randn(B, KV, N, D), torch.randn(B, KV, N, D)
+    repeated = F.scaled_dot_product_attention(q, k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1))
+    torch.testing.assert_close(attention_reference(q, k, v), repeated, atol=1e-5, rtol=1e-5)
+
+
+def tiny_dit(**kwargs):
+    args = dict(hidden_dim=64, depth=2, num_heads=4, num_kv_heads=2, class_dropout=0.0)
+    args.update(kwargs)
+    return DiT(**args)
+
+
+def tiny_unet(**kwargs):
+    args = dict(num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,), num_heads=2,
+                class_dropout=0.0)
+    args.update(kwargs)
+    return UNet(**args)
+
+
+def inputs(B=4):
+    return torch.randn(B, 3, 32, 32), torch.randint(0, 1000, (B,)), torch.randint(0, 10, (B,))
+
+
+@pytest.mark.parametrize("conditioning", ["adaln", "token"])
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
+def test_dit_new_model_predicts_zeros_of_input_shape(conditioning, pos_embed):
+    out = tiny_dit(conditioning=conditioning, pos_embed=pos_embed)(*inputs())
+    assert out.shape == (4, 3, 32, 32)
+    assert out.abs().max().item() == 0.0
+
+
+def test_token_conditioning_has_65_positions_and_adaln_64():
+    assert tiny_dit(conditioning="token", pos_embed="learned").pos_embed.shape == (1, 65, 64)
+    assert tiny_dit(conditioning="adaln", pos_embed="learned").pos_embed.shape == (1, 64, 64)
+    assert tiny_dit(conditioning="token").pos_embed.shape == (1, 65, 64)
+
+
+def test_unet_new_model_predicts_zeros_of_input_shape():
+    out = tiny_unet()(*inputs())
+    assert out.shape == (4, 3, 32, 32) and out.abs().max().item() == 0.0
+
+
+def test_label_dropout_uses_null_class_only_in_training():
+    m = tiny_dit(class_dropout=0.999)
+    seen = []
+    m.cond_embed.class_embed.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    x, t, y = inputs(64)
+    m.train()(x, t, y)
+    m.eval()(x, t, y)
+    assert (seen[0] == 10).float().mean() > 0.9
+    assert torch.equal(seen[1], y)
+
+
+def overfit(model, steps, lr=2e-3):
+    """Train on 8 fixed images; return the loss on a fixed (t, noise) draw before and after."""
+    diffusion = Diffusion(get_beta_schedule("linear", 1000))
+    x0 = torch.rand(8, 3, 32, 32) * 2 - 1
+    y = torch.arange(8) % 10
+    probe_t, probe_noise = torch.randint(0, 1000, (8,)), torch.randn_like(x0)
+    probe = lambda: diffusion.training_losses(model, x0, y, probe_t, probe_noise)[0].mean().item()  # noqa: E731
+    start = probe()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss, _ = diffusion.training_losses(model, x0, y)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    return start, probe()
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_dit(conditioning="adaln"), lambda: tiny_dit(conditioning="token"),
+                                  tiny_unet], ids=["dit-adaln", "dit-token", "unet"])
+def test_tiny_model_overfits_eight_images(make):
+    start, end = overfit(make(), steps=150)
+    assert end < 0.5 * start, (start, end)
+
+
+def test_class_changes_output_once_trained():
+    model = tiny_dit(conditioning="adaln")
+    overfit(model, steps=30)
+    x, t, _ = inputs(2)
+    a = model(x, t, torch.tensor([0, 0]))
+    b = model(x, t, torch.tensor([1, 1]))
+    assert (a - b).abs().max().item() > 1e-4
+
+
+def test_attention_falls_back_to_reference_without_extension(monkeypatch):
+    monkeypatch.setattr(model_module, "_C", None)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    assert torch.equal(model_module.attention(q, k, v), attention_reference(q, k, v))
+
+
+@pytest.mark.parametrize("name", ["dit", "unet"])
+def test_build_model_from_config_and_summary(name):
+    cfg = load_config([f"--model.name={name}", "--model.hidden_dim=64", "--model.depth=1", "--model.num_heads=2",
+                       "--model.num_kv_heads=1", "--model.num_channels=32", "--model.channel_mult=[1,2]"])
+    model = build_model(cfg["model"])
+    assert isinstance(model, DiT if name == "dit" else UNet)
+    line = model_summary(model, cfg["model"])
+    params = sum(p.numel() for p in model.parameters())
+    assert f"{params / 1e6:.2f}M parameters" in line and "GFLOPs/image" in line
+    assert float(line.split("|")[-1].split()[0]) > 0
+
+
+def test_update_ema_moves_toward_model():
+    model = tiny_dit()
+    ema = copy.deepcopy(model)
+    for p in model.parameters():
+        p.data.add_(1.0)
+    before = [p.clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p)

@@ -75,10 +75,10 @@ def test_label_dropout_uses_null_class_only_in_training():
     assert torch.equal(seen[1], y)
 
 
-def overfit(model, steps, lr=2e-3):
+def overfit(model, steps, lr=2e-3, size=32):
     """Train on 8 fixed images; return the loss on a fixed (t, noise) draw before and after."""
     diffusion = Diffusion(get_beta_schedule("linear", 1000))
-    x0 = torch.rand(8, 3, 32, 32) * 2 - 1
+    x0 = torch.rand(8, 3, size, size) * 2 - 1
     y = torch.arange(8) % 10
     probe_t, probe_noise = torch.randint(0, 1000, (8,)), torch.randn_like(x0)
     probe = lambda: diffusion.training_losses(model, x0, y, probe_t, probe_noise)[0].mean().item()  # noqa: E731
@@ -92,10 +92,12 @@ def overfit(model, steps, lr=2e-3):
     return start, probe()
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_dit(conditioning="adaln"), lambda: tiny_dit(conditioning="token"),
-                                  tiny_unet], ids=["dit-adaln", "dit-token", "unet"])
+@pytest.mark.parametrize("make", [lambda: tiny_dit(conditioning="adaln", image_size=16),
+                                  lambda: tiny_dit(conditioning="token", image_size=16),
+                                  lambda: tiny_unet(image_size=16, num_channels=16, attention_resolutions=(8,))],
+                         ids=["dit-adaln", "dit-token", "unet"])
 def test_tiny_model_overfits_eight_images(make):
-    start, end = overfit(make(), steps=150)
+    start, end = overfit(make(), steps=60, lr=3e-3, size=16)
     assert end < 0.5 * start, (start, end)
 
 

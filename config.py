@@ -19,6 +19,11 @@ def fail(message):
 
 def typed_like(default, value, key):
     """value, checked to have the type of the default (an int is accepted for a float)."""
+    if isinstance(default, float) and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        except ValueError:
+            pass
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(default, list) and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -1,8 +1,11 @@
 """
 CIFAR-10 as one in-memory uint8 tensor. The whole training set is 150 MB, so it is read once and batches
 are cut from it with tensor indexing (on the GPU when training there): no loader workers, nothing to
-stall a step. Also the image-grid writer every script uses, and `python data.py [DIR]`, which checks a
-data directory the way you want before a long run.
+stall a step. The data may come as the python batches or as the image folders people already have:
+improved-diffusion's flat cifar_train/airplane_00012.png or torchvision's ImageFolder train/airplane/*.png;
+both are decoded once into the same tensor, so the layout never changes training speed. Also the
+image-grid writer every script uses, and `python data.py [DIR]`, which checks a data directory the way
+you want before a long run.
 """
 import os
 import pickle
@@ -18,9 +21,14 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BATCHES = "cifar-10-batches-py"
 SPLIT_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 SEARCHED = ["data", os.path.join("..", "shared", "data")]  # relative to the working directory
+# image folders: ImageFolder users have train/ and test/, improved-diffusion writes cifar_train/ and cifar_test/
+SPLIT_FOLDERS = {"train": ["train", "cifar_train"], "test": ["test", "cifar_test"]}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+LAYOUTS = ("cifar-10-batches-py/, image files named CLASS_*.png (like airplane_00012.png), "
+           "or one subfolder of images per class")
 
 # -----------------------------------------------------------------------------
-# finding and reading the python batches
+# finding the data and reading the python batches
 
 
 def batches_dir(path):
@@ -40,17 +48,21 @@ def online(host="pypi.org", port=443, timeout=3):
 
 
 def find_data_dir(data_dir=""):
-    """Where the batches are: the given folder, else $CIFAR10_DIR, else ./data or ../shared/data. When none
-    holds them and the machine is online, torchvision downloads them into ./data (or the given folder)."""
+    """Where the data is: the given folder, else $CIFAR10_DIR, else ./data or ../shared/data. A given folder
+    may hold the python batches or images (see load_image_folder); the searched defaults are for the batches
+    only, since ./data could hold anything. When nothing is found and the machine is online, torchvision
+    downloads the batches into ./data (or the given folder)."""
     chosen = data_dir or os.environ.get("CIFAR10_DIR", "")
     for candidate in [chosen] if chosen else SEARCHED:
         found = batches_dir(candidate)
         if found:
             return found
+    if chosen and holds_images(chosen):
+        return chosen
     target = chosen or "data"
     if not online():
-        fail(f"no CIFAR-10 python batches in {target!r} and this machine is offline: put the folder "
-             f"{BATCHES}/ there, or pass --data.data_dir=DIR (or set CIFAR10_DIR)")
+        fail(f"no CIFAR-10 data in {target!r} and this machine is offline: put there {LAYOUTS}; "
+             f"or pass --data.data_dir=DIR (or set CIFAR10_DIR)")
     import torchvision
     print(f"downloading CIFAR-10 into {target}/ ...")
     torchvision.datasets.CIFAR10(target, train=True, download=True)
@@ -69,11 +81,16 @@ def read_batch(path):
     return torch.from_numpy(images.copy()), torch.tensor(labels, dtype=torch.long)
 
 
-def load_cifar10(data_dir="", split="train"):
-    """(images uint8 (N, 3, 32, 32), labels int64 (N,), class names) for split train or test."""
+def load_cifar10(data_dir="", split="train", image_size=32):
+    """(images uint8 (N, 3, S, S), labels int64 (N,), class names) for split train or test, from the python
+    batches or an image folder, whichever data_dir holds. image_size is the size the model expects."""
     if split not in SPLIT_FILES:
         fail(f"split={split!r} is not one of train, test")
     folder = find_data_dir(data_dir)
+    if batches_dir(folder) is None:
+        return load_image_folder(folder, split, image_size)
+    if image_size != 32:
+        fail(f"image_size={image_size}, but the CIFAR-10 python batches in {folder!r} are 32x32")
     parts = []
     for name in SPLIT_FILES[split]:
         path = os.path.join(folder, name)
@@ -91,6 +108,108 @@ def class_names(folder):
         with open(meta, "rb") as f:
             return [n.decode() for n in pickle.load(f, encoding="bytes")[b"label_names"]]
     return list(CIFAR10_CLASSES)
+
+
+# -----------------------------------------------------------------------------
+# image folders: improved-diffusion's flat cifar_train/airplane_00012.png, torchvision's train/airplane/*.png
+
+
+def visible(folder):
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))  # no .DS_Store and such
+
+
+def is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def holds_images(folder):
+    """True when folder looks like an image layout: image files, or subfolders (per class or per split)."""
+    if not os.path.isdir(folder):
+        return False
+    return any(is_image(name) or os.path.isdir(os.path.join(folder, name)) for name in visible(folder))
+
+
+def split_folder(folder, split):
+    """The folder holding a split's images: a train/ or test/ subfolder (or cifar_train/, cifar_test/), else
+    the folder itself as the train split, as improved-diffusion's --data_dir cifar_train reads it. None when
+    the split is absent."""
+    for name in SPLIT_FOLDERS[split]:
+        if os.path.isdir(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    has_splits = any(os.path.isdir(os.path.join(folder, n)) for names in SPLIT_FOLDERS.values() for n in names)
+    return folder if split == "train" and not has_splits else None
+
+
+def image_files(folder):
+    """Sorted [(path, class name)] and the layout's name. Image files directly in the folder are named for
+    their class up to the first _ (airplane_00012.png, improved-diffusion's rule); otherwise each subfolder
+    is one class, searched recursively (torchvision's ImageFolder rule)."""
+    names = visible(folder)
+    flat = [n for n in names if is_image(n) and os.path.isfile(os.path.join(folder, n))]
+    if flat:
+        files = []
+        for name in flat:
+            label, sep, _ = name.partition("_")
+            if not sep or not label:
+                fail(f"{os.path.join(folder, name)!r} has no class in its file name: expected CLASS_*.png "
+                     f"like airplane_00012.png (or put each class in its own subfolder)")
+            files.append((os.path.join(folder, name), label))
+        return files, "class from the file name"
+    classes = [n for n in names if os.path.isdir(os.path.join(folder, n))]
+    if not classes:
+        fail(f"{folder!r} is empty: expected {LAYOUTS}")
+    files = []
+    for label in classes:
+        found = sorted(os.path.join(root, n) for root, _, ns in os.walk(os.path.join(folder, label))
+                       for n in ns if is_image(n) and not n.startswith("."))
+        if not found:
+            fail(f"class folder {os.path.join(folder, label)!r} is empty: expected images "
+                 f"({', '.join(IMAGE_EXTENSIONS)})")
+        files += [(path, label) for path in found]
+    return files, "one subfolder per class"
+
+
+def decode_images(files, image_size):
+    """Decode every file once into uint8 (N, 3, S, S). Nothing is resized or converted: an image of the
+    wrong size or colour mode is a mistake in the data, better caught here than learned."""
+    from PIL import Image
+    from tqdm import tqdm
+    images = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(tqdm(files, desc="decoding", unit="image", disable=len(files) < 1000)):
+        try:
+            with Image.open(path) as image:
+                image.load()
+                mode, size = image.mode, image.size
+                pixels = np.asarray(image)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+            fail(f"cannot read image {path!r}: {type(e).__name__}: {' '.join(str(e).split())}")
+        if mode != "RGB":
+            fail(f"{path!r} is a {mode} image, expected RGB: convert it first, e.g. with PIL's .convert('RGB')")
+        if size != (image_size, image_size):
+            fail(f"{path!r} is {size[0]}x{size[1]}, expected {image_size}x{image_size} (model.image_size)")
+        images[i] = pixels
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
+
+
+def load_image_folder(folder, split, image_size=32):
+    """load_cifar10 for an image folder. Class ids follow the sorted class names, as improved-diffusion and
+    ImageFolder both number them; the names are gathered over both splits so train and test agree even when
+    one split lacks a class."""
+    source = split_folder(folder, split)
+    if source is None:
+        fail(f"no {split} split in {folder!r}: expected a subfolder {' or '.join(SPLIT_FOLDERS[split])}/")
+    files, layout = image_files(source)
+    splits = [split_folder(folder, s) for s in SPLIT_FOLDERS]
+    names = sorted({label for s in splits if s for _, label in image_files(s)[0]})
+    class_id = {name: i for i, name in enumerate(names)}
+    print(f"reading {len(files)} images from {source} ({layout}) | classes: "
+          + ", ".join(f"{i} {name}" for i, name in enumerate(names)))
+    labels = torch.tensor([class_id[label] for _, label in files], dtype=torch.long)
+    return decode_images(files, image_size), labels, names
+
+
+# -----------------------------------------------------------------------------
+# a synthetic CIFAR-10 for tests
 
 
 def write_synthetic_cifar(folder, num_train=50, num_test=20, num_classes=10, seed=0):
@@ -212,6 +331,8 @@ def class_grid(images, labels, names, per_class=10):
     """The first per_class images of each class, one class per row (for the real and sample grids)."""
     picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(names))]
     keep = [c for c, p in enumerate(picks) if len(p) == per_class]
+    if not keep:  # a small folder of images may have fewer than per_class of every class
+        return images[:0], []
     return images[torch.cat([picks[c] for c in keep])], [names[c] for c in keep]
 
 
@@ -220,9 +341,14 @@ def class_grid(images, labels, names, per_class=10):
 
 if __name__ == "__main__":
     folder = find_data_dir(sys.argv[1] if len(sys.argv) > 1 else "")
-    print(f"CIFAR-10 python batches in {folder}")
+    batches = batches_dir(folder) is not None
+    print(f"CIFAR-10 python batches in {folder}" if batches else f"image folder {folder}")
     for split in ("train", "test"):
-        if not all(os.path.isfile(os.path.join(folder, n)) for n in SPLIT_FILES[split]):
+        if batches:
+            present = all(os.path.isfile(os.path.join(folder, n)) for n in SPLIT_FILES[split])
+        else:
+            present = split_folder(folder, split) is not None
+        if not present:
             print(f"{split}: missing")
             continue
         images, labels, names = load_cifar10(folder, split)
@@ -235,6 +361,9 @@ if __name__ == "__main__":
         print("  mean " + " ".join(f"{v:.4f}" for v in mean) + " | std " + " ".join(f"{v:.4f}" for v in std))
         if split == "train":
             grid, row_names = class_grid(images, labels, names)
+            if not row_names:
+                print("fewer than 10 images of every class: no outputs/real_grid.png")
+                continue
             save_grid(grid, os.path.join("outputs", "real_grid.png"), nrow=10, row_labels=row_names,
-                      title="real CIFAR-10 training images, 10 per class")
+                      title="real training images, 10 per class")
             print("wrote outputs/real_grid.png")

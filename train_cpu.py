@@ -162,7 +162,9 @@ def main(argv):
 
     # data: one uint8 tensor in memory; batches are cut from it in the training thread, so no loader
     # worker competes with the two cores that do the maths
-    images, labels, class_names = load_cifar10(cfg["data"]["data_dir"], "train")
+    images, labels, class_names = load_cifar10(cfg["data"]["data_dir"], "train", image_size=cfg["model"]["image_size"])
+    if len(class_names) > cfg["model"]["num_classes"]:
+        fail(f"the data has {len(class_names)} classes but model.num_classes={cfg['model']['num_classes']}")
 
     torch.manual_seed(tc["seed"])
     model = build_model(cfg["model"])

@@ -1,0 +1,172 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from config import DEFAULT_CONFIG, load_config
+from conftest import ROOT
+
+
+def defaults():
+    with open(DEFAULT_CONFIG) as f:
+        return yaml.safe_load(f)
+
+
+def one_line_error(capsys, args, path=None):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(args, path)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def write_preset(tmp_path, text):
+    path = tmp_path / "preset.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_no_overrides_give_config_yaml():
+    assert load_config([]) == defaults()
+
+
+@pytest.mark.parametrize("arg, section, name, expected", [
+    ("--training.batch_size=64", "training", "batch_size", 64),
+    ("--training.learning_rate=3.0e-4", "training", "learning_rate", 3e-4),
+    ("--training.learning_rate=3e-4", "training", "learning_rate", 3e-4),  # YAML 1.1 reads 3e-4 as a string
+    ("--training.learning_rate=1", "training", "learning_rate", 1.0),  # an int is taken for a float
+    ("--training.compile=true", "training", "compile", True),
+    ("--model.name=unet", "model", "name", "unet"),
+    ("--data.data_dir=2024", "data", "data_dir", "2024"),  # a string stays as written, not a number
+    ("--model.channel_mult=[1, 2]", "model", "channel_mult", [1, 2]),
+    ("--training.checkpoint_epochs=40", "training", "checkpoint_epochs", [40]),  # a number for a list
+])
+def test_each_override_type_is_parsed(arg, section, name, expected):
+    cfg = load_config([arg])
+    assert cfg[section][name] == expected and type(cfg[section][name]) is type(expected)
+    untouched = defaults()
+    untouched[section][name] = expected
+    assert cfg == untouched  # nothing else changed
+
+
+def test_later_overrides_win():
+    assert load_config(["--training.batch_size=64", "--training.batch_size=32"])["training"]["batch_size"] == 32
+
+
+@pytest.mark.parametrize("arg, named", [
+    ("--training.no_such_key=1", "--training.no_such_key=1"),
+    ("--nosection.batch_size=1", "--nosection.batch_size=1"),
+    ("--training.batch_size", "--training.batch_size"),  # no value
+    ("training.batch_size=64", "training.batch_size=64"),  # no leading --
+    ("--batch_size=64", "--batch_size=64"),  # no section
+])
+def test_unknown_or_malformed_options_are_one_line_errors(capsys, arg, named):
+    message = one_line_error(capsys, [arg])
+    assert named in message and "unknown option" in message
+
+
+@pytest.mark.parametrize("arg, named, expected", [
+    ("--training.batch_size=abc", "'abc'", "expected int"),
+    ("--training.batch_size=2.5", "2.5", "expected int"),
+    ("--training.compile=maybe", "'maybe'", "expected bool"),
+    ("--training.learning_rate=fast", "'fast'", "expected float"),
+    ("--model.channel_mult=wide", "'wide'", "expected list"),
+    ("--training.batch_size=[1,", "[1,", "not a valid value"),
+])
+def test_a_value_of_the_wrong_type_is_a_one_line_error(capsys, arg, named, expected):
+    message = one_line_error(capsys, [arg])
+    assert named in message and expected in message
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model.hidden_dim=100"], "hidden_dim=100 is not divisible by num_heads=8"),
+    (["--model.num_kv_heads=3"], "num_heads=8 is not a multiple of num_kv_heads=3"),
+    (["--model.num_kv_heads=0"], "num_kv_heads=0"),
+    (["--model.patch_size=5"], "image_size=32 is not divisible by patch_size=5"),
+    (["--model.image_size=30", "--model.patch_size=4"], "image_size=30 is not divisible by patch_size=4"),
+    (["--model.hidden_dim=24", "--model.num_heads=8", "--model.num_kv_heads=1"], "hidden_dim / num_heads = 3"),
+    (["--model.class_dropout=1.0"], "class_dropout=1.0"),
+    (["--diffusion.beta_start=0.1", "--diffusion.beta_end=0.01"], "beta_start=0.1, beta_end=0.01"),
+    (["--training.batch_size=0"], "training.batch_size=0"),
+    (["--sampling.steps=0"], "sampling.steps=0"),
+])
+def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
+    assert expected in one_line_error(capsys, args)
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--model.name=vit", "model.name='vit' is not one of dit, unet"),
+    ("--model.conditioning=cross", "model.conditioning='cross'"),
+    ("--model.pos_embed=rope", "model.pos_embed='rope'"),
+    ("--diffusion.noise_schedule=sigmoid", "diffusion.noise_schedule='sigmoid'"),
+    ("--sampling.sampler=euler", "sampling.sampler='euler' is not one of ddpm, ddim"),
+    ("--training.precision=fp16", "training.precision='fp16' is not one of auto, fp32, bf16"),
+])
+def test_a_bad_choice_is_a_one_line_error(capsys, arg, expected):
+    assert expected in one_line_error(capsys, [arg])
+
+
+# -----------------------------------------------------------------------------
+# --config preset files
+
+
+@pytest.mark.parametrize("form", ["two args", "equals", "path argument"])
+def test_a_preset_holds_only_its_changes_and_overrides_come_last(tmp_path, form):
+    path = write_preset(tmp_path, "training:\n  batch_size: 16\n  learning_rate: 1\nmodel:\n  depth: 4\n")
+    overrides = ["--model.depth=6"]
+    if form == "two args":
+        cfg = load_config(["--config", path] + overrides)
+    elif form == "equals":
+        cfg = load_config([f"--config={path}"] + overrides)
+    else:
+        cfg = load_config(overrides, path)
+    expected = defaults()
+    expected["training"].update(batch_size=16, learning_rate=1.0)
+    expected["model"]["depth"] = 6
+    assert cfg == expected and type(cfg["training"]["learning_rate"]) is float
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("trainer:\n  batch_size: 16\n", "unknown section 'trainer'"),
+    ("training:\n  batchsize: 16\n", "unknown key training.batchsize"),
+    ("training:\n  batch_size: sixteen\n", "training.batch_size='sixteen': expected int"),
+    ("model:\n  num_kv_heads: 3\n", "num_heads=8 is not a multiple of num_kv_heads=3"),
+    ("training: [batch_size: 16\n", "is not valid YAML"),
+])
+def test_a_bad_preset_is_a_one_line_error_naming_it(tmp_path, capsys, text, expected):
+    path = write_preset(tmp_path, text)
+    message = one_line_error(capsys, ["--config", path])
+    assert expected in message
+    if "section" in expected or "key" in expected or "YAML" in expected:
+        assert path in message
+
+
+def test_a_missing_preset_or_path_is_a_one_line_error(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere.yaml")
+    assert missing in one_line_error(capsys, ["--config", missing])
+    assert "--config needs a path" in one_line_error(capsys, ["--config"])
+
+
+def test_the_presets_in_configs_load():
+    folder = os.path.join(ROOT, "configs")
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".yaml"):
+            load_config(["--config", os.path.join(folder, name)])
+
+
+def test_base_config_takes_overrides_without_being_changed():
+    base = load_config(["--training.batch_size=16"])
+    cfg = load_config(["--model.depth=2"], base=base)
+    assert cfg["model"]["depth"] == 2 and cfg["training"]["batch_size"] == 16
+    assert base["model"]["depth"] == defaults()["model"]["depth"]
+
+
+def test_a_script_exits_with_status_two_and_no_traceback():
+    code = "import sys; from config import load_config; load_config(sys.argv[1:])"
+    result = subprocess.run([sys.executable, "-c", code, "--model.num_kv_heads=3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: num_heads=8 is not a multiple of num_kv_heads=3"

@@ -39,17 +39,27 @@ eval: setup
 
 # the C++ (and, with a CUDA toolkit, CUDA) extension, built in place; scripts fall back to PyTorch without it
 kernels: setup
-	$(PY) setup.py build_ext --inplace -q
+	$(PY) setup.py build_ext --inplace
 
 # compile the CUDA sources for sm_80 and sm_90 without a GPU: catches build errors on CPU-only machines
+# (-std=c++20: torch 2.14's headers need it; the objects go to build/ and are not linked)
+TORCH_INCLUDE = $(shell $(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))" 2>/dev/null)
+PYTHON_INCLUDE = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null)
 kernels-cuda: setup
-	$(PY) csrc/check_cuda_build.py
+	mkdir -p build/cuda-check
+	for f in csrc/cuda/*.cu; do \
+	  $(CUDA_HOME)/bin/nvcc -c $$f -o build/cuda-check/$$(basename $$f .cu).o -std=c++20 -O3 $(TORCH_INCLUDE) \
+	    -I$(PYTHON_INCLUDE) -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	    --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+	    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ || exit 1; \
+	done
+	@echo "CUDA sources compile for sm_80 and sm_90"
 
 test: setup kernels
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup kernels
-	$(PY) bench.py $(ARGS)
+	$(PY) -m bench $(ARGS)
 
 clean:
 	rm -rf build csrc/*.so csrc/__pycache__ __pycache__ tests/__pycache__

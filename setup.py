@@ -17,12 +17,15 @@ debug = os.environ.get("DEBUG") == "1"
 use_cuda = os.environ.get("DIT_CUDA") == "1" or torch.cuda.is_available()
 
 # no -march=native: the .so must run on any x86 machine with AVX2, not just the one that built it.
-# -ffp-contract=off keeps the noise steps bitwise equal to the PyTorch reference; attention asks for
-# its fused multiply-adds explicitly with std::fma.
+# at::vec picks its implementation by CPU_CAPABILITY, as in ATen's own AVX2 kernels; elsewhere it falls
+# back to portable loops. -ffp-contract=off keeps the noise steps bitwise equal to the PyTorch reference
+# (attention's fused multiply-adds are explicit at::vec::fmadd calls).
 cxx = ["-O0", "-g"] if debug else ["-O3"]
 cxx += ["-fopenmp", "-ffp-contract=off"]
 if platform.machine() in ("x86_64", "AMD64"):
-    cxx += ["-mavx2", "-mfma"]
+    cxx += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+else:
+    cxx += ["-DCPU_CAPABILITY=DEFAULT"]
 nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
 
 sources = sorted(glob.glob("csrc/*.cpp"))

@@ -1,0 +1,319 @@
+// Fused grouped-query attention on the CPU, forward and backward, fp32 and bf16 (fp32 accumulation).
+//
+// q (B, H, N, D); k, v (B, KV, N, D); query head h reads key/value head h / (H / KV); scale 1/sqrt(D).
+// The forward returns the output and the log-sum-exp of each score row (B, H, N); the backward
+// recomputes the probabilities from it, so no (B, H, N, N) tensor is ever kept (flash-attention style).
+//
+// One task is one (batch, kv head): it packs that head's K and V into fp32 buffers once and runs the
+// H / KV query heads that share them, in blocks of query rows whose score block fits in L2. Owning the
+// kv head also means the backward sums dK and dV over its query heads without atomics.
+// All products go through gemm() below, a 6 x 16 register-blocked kernel over row-major fp32 buffers
+// whose rows are padded to a multiple of 8 floats; exp is at::vec's polynomial exp_u20. setup.py builds
+// at::vec for AVX2, so the inner loop is ymm vbroadcastss + vfmadd231ps with the eight accumulators in
+// registers (check: objdump -d csrc/_C*.so | grep -c 'vfmadd231ps.*ymm'). Plain loops vectorised by
+// GCC 12 came out as xmm with spilled accumulators, 5x slower.
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace dit_kernels {
+
+// -----------------------------------------------------------------------------
+// small dense kernels on fp32 buffers
+
+using Vec = at::vec::Vectorized<float>;  // 8 floats, one ymm register, in the AVX2 build
+constexpr int kVec = Vec::size();
+
+static inline int round_up(int n) { return (n + kVec - 1) / kVec * kVec; }
+
+// C (MR, NV * kVec) (+)= A (MR, K) @ B (K, NV * kVec): MR x NV accumulators stay in registers while
+// one row of B is loaded and each element of A broadcast. A is read through strides, so A^T needs no copy.
+template <int MR, int NV>
+static inline void gemm_tile(int K, const float* A, long a_row, long a_col, const float* B, long ldb, float* C,
+                             long ldc, bool accumulate) {
+  Vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = Vec(0.0f);
+  for (int p = 0; p < K; ++p) {
+    Vec b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = Vec::loadu(B + p * ldb + j * kVec);
+    for (int i = 0; i < MR; ++i) {
+      const Vec a(A[i * a_row + p * a_col]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) {
+      float* c = C + i * ldc + j * kVec;
+      (accumulate ? acc[i][j] + Vec::loadu(c) : acc[i][j]).store(c);
+    }
+}
+
+template <int MR>
+static void gemm_rows(int NC, int K, const float* A, long a_row, long a_col, const float* B, long ldb, float* C,
+                      long ldc, bool accumulate) {
+  int j = 0;
+  for (; j + 2 * kVec <= NC; j += 2 * kVec) gemm_tile<MR, 2>(K, A, a_row, a_col, B + j, ldb, C + j, ldc, accumulate);
+  if (j < NC) gemm_tile<MR, 1>(K, A, a_row, a_col, B + j, ldb, C + j, ldc, accumulate);
+}
+
+// C (M, NC) (+)= A (M, K) @ B (K, NC) with B, C row-major and NC a multiple of kVec (buffers are padded).
+// Six rows at a time: 12 accumulators, more than the 8 FMAs in flight that Zen 3 needs to hide latency.
+static void gemm(int M, int NC, int K, const float* A, long a_row, long a_col, const float* B, long ldb, float* C,
+                 long ldc, bool accumulate) {
+  int i = 0;
+  for (; i + 6 <= M; i += 6) gemm_rows<6>(NC, K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc, accumulate);
+  const float* a = A + i * a_row;
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: gemm_rows<5>(NC, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 4: gemm_rows<4>(NC, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 3: gemm_rows<3>(NC, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 2: gemm_rows<2>(NC, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_rows<1>(NC, K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+  }
+}
+
+// dst[r * ld + c] = src(r, c) * scale for r < rows, c < cols, from any strides, into fp32; dst's padding
+// columns (cols .. ld) are left as they are (zero from allocation)
+template <typename scalar_t>
+static void pack(const scalar_t* src, long row_stride, long col_stride, int rows, int cols, float scale, float* dst,
+                 long ld) {
+  for (int r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * row_stride;
+    float* d = dst + r * ld;
+    if (col_stride == 1)  // the usual case, which the compiler vectorises
+      for (int c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]) * scale;
+    else
+      for (int c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c * col_stride]) * scale;
+  }
+}
+
+// the transpose: dst[c * ld + r] = src(r, c), so that K^T is a row-major right-hand side for Q K^T
+template <typename scalar_t>
+static void pack_transposed(const scalar_t* src, long row_stride, long col_stride, int rows, int cols, float* dst,
+                            long ld) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<float>(src[r * row_stride + c * col_stride]);
+}
+
+// query rows per block: the whole sequence when its scores fit in ~128 KB, else equal blocks that do
+static int query_block(int N) {
+  const int max_rows = std::max(4, 32768 / round_up(N));
+  const int blocks = (N + max_rows - 1) / max_rows;
+  return (N + blocks - 1) / blocks;
+}
+
+// -----------------------------------------------------------------------------
+// checks shared by forward and backward, on both devices (cuda/attention.cu declares them)
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4, "q must be (B, H, N, D), got ", q.dim(), " dims");
+  TORCH_CHECK(k.dim() == 4, "k must be (B, KV, N, D), got ", k.dim(), " dims");
+  TORCH_CHECK(v.dim() == 4, "v must be (B, KV, N, D), got ", v.dim(), " dims");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "q must be float32 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype ", q.scalar_type(), ", got ", k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), "v must have q's dtype ", q.scalar_type(), ", got ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "k must be on q's device ", q.device(), ", got ", k.device());
+  TORCH_CHECK(v.device() == q.device(), "v must be on q's device ", q.device(), ", got ", v.device());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
+              "k must be (B, KV, N, D) with q's B, N, D ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "q's heads H=", q.size(1), " must be a multiple of k's heads KV=", k.size(1));
+}
+
+void check_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "grad_out must have q's dtype ", q.scalar_type(), ", got ",
+              grad_out.scalar_type());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have q's dtype ", q.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.sizes() == q.sizes().slice(0, 3), "lse must be (B, H, N) ",
+              q.sizes().slice(0, 3), ", got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  for (const at::Tensor* t : {&grad_out, &out, &lse})
+    TORCH_CHECK(t->device() == q.device(), "grad_out, out and lse must be on q's device ", q.device(), ", got ",
+                t->device());
+}
+
+// -----------------------------------------------------------------------------
+// forward
+
+template <typename scalar_t>
+static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                           at::Tensor& lse) {
+  const int B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
+  const int Np = round_up(N), Dp = round_up(D), BQ = query_block(N);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();  // contiguous, allocated by us
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(D * Np), vb(N * Dp), qb(BQ * Dp), s(BQ * Np), o(BQ * Dp), row_sum(BQ);  // zero padding
+    for (int64_t task = begin; task < end; ++task) {
+      const int b = task / KV, kv = task % KV;
+      pack_transposed(kp + b * k.stride(0) + kv * k.stride(1), k.stride(2), k.stride(3), N, D, kt.data(), Np);
+      pack(vp + b * v.stride(0) + kv * v.stride(1), v.stride(2), v.stride(3), N, D, 1.0f, vb.data(), Dp);
+      for (int h = kv * G; h < (kv + 1) * G; ++h) {
+        for (int i0 = 0; i0 < N; i0 += BQ) {
+          const int rows = std::min(BQ, N - i0);
+          // scale q first, as attention_reference does
+          pack(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), q.stride(3), rows, D, scale,
+               qb.data(), Dp);
+          gemm(rows, Np, D, qb.data(), Dp, 1, kt.data(), Np, s.data(), Np, false);  // scores (rows, Np)
+          float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
+          for (int i = 0; i < rows; ++i) {
+            float* si = s.data() + i * Np;
+            const float m = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, si, N);
+            at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, si, si, N);
+            row_sum[i] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, si, N);
+            row_lse[i] = m + std::log(row_sum[i]);
+          }
+          gemm(rows, Dp, N, s.data(), Np, 1, vb.data(), Dp, o.data(), Dp, false);  // unnormalised (rows, Dp)
+          // normalise the output rather than the probabilities: D multiplies a row, not N
+          scalar_t* out_rows = op + ((static_cast<long>(b) * H + h) * N + i0) * D;
+          for (int i = 0; i < rows; ++i) {
+            const float inv = 1.0f / row_sum[i];
+            for (int d = 0; d < D; ++d) out_rows[i * D + d] = static_cast<scalar_t>(o[i * Dp + d] * inv);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor here, got ", q.device());
+  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  if (q.scalar_type() == at::kFloat)
+    forward_kernel<float>(q, k, v, out, lse);
+  else
+    forward_kernel<at::BFloat16>(q, k, v, out, lse);
+  return {out, lse};
+}
+
+// -----------------------------------------------------------------------------
+// backward: with P = softmax(S) recomputed as exp(S - lse) and Delta_i = sum_d dO_id O_id,
+// dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), dQ = dS K * scale, dK = dS^T (Q * scale)
+
+template <typename scalar_t>
+static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                            at::Tensor& dk, at::Tensor& dv) {
+  const int B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
+  const int Np = round_up(N), Dp = round_up(D), BQ = query_block(N);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+  const scalar_t *gp = grad_out.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
+  const float* lp = lse.data_ptr<float>();  // contiguous
+  scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(D * Np), vt(D * Np), kb(N * Dp), dk_acc(N * Dp), dv_acc(N * Dp);
+    std::vector<float> qb(BQ * Dp), gb(BQ * Dp), ob(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_rows(BQ * Dp), delta(BQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int b = task / KV, kv = task % KV;
+      const scalar_t* k_head = kp + b * k.stride(0) + kv * k.stride(1);
+      const scalar_t* v_head = vp + b * v.stride(0) + kv * v.stride(1);
+      pack_transposed(k_head, k.stride(2), k.stride(3), N, D, kt.data(), Np);
+      pack_transposed(v_head, v.stride(2), v.stride(3), N, D, vt.data(), Np);
+      pack(k_head, k.stride(2), k.stride(3), N, D, 1.0f, kb.data(), Dp);
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+      for (int h = kv * G; h < (kv + 1) * G; ++h) {
+        for (int i0 = 0; i0 < N; i0 += BQ) {
+          const int rows = std::min(BQ, N - i0);
+          const long q_off = b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
+          const long g_off = b * grad_out.stride(0) + h * grad_out.stride(1) + i0 * grad_out.stride(2);
+          const long o_off = b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2);
+          pack(qp + q_off, q.stride(2), q.stride(3), rows, D, scale, qb.data(), Dp);
+          pack(gp + g_off, grad_out.stride(2), grad_out.stride(3), rows, D, 1.0f, gb.data(), Dp);
+          pack(op + o_off, out.stride(2), out.stride(3), rows, D, 1.0f, ob.data(), Dp);
+          for (int i = 0; i < rows; ++i)  // delta_i = sum_d dO_id O_id
+            delta[i] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
+                                                       [](Vec a, Vec b) { return a + b; }, gb.data() + i * Dp,
+                                                       ob.data() + i * Dp, D);
+          gemm(rows, Np, D, qb.data(), Dp, 1, kt.data(), Np, p.data(), Np, false);  // scores
+          gemm(rows, Np, D, gb.data(), Dp, 1, vt.data(), Np, ds.data(), Np, false);  // dP
+          const float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
+          for (int i = 0; i < rows; ++i) {
+            float *pi = p.data() + i * Np, *dsi = ds.data() + i * Np;
+            const float m = row_lse[i], di = delta[i];
+            at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, pi, pi, N);
+            at::vec::map2([di](Vec pij, Vec dpij) { return pij * (dpij - Vec(di)); }, dsi, pi, dsi, N);
+          }
+          // P^T and dS^T are read in place through swapped strides
+          gemm(N, Dp, rows, p.data(), 1, Np, gb.data(), Dp, dv_acc.data(), Dp, true);
+          gemm(N, Dp, rows, ds.data(), 1, Np, qb.data(), Dp, dk_acc.data(), Dp, true);
+          gemm(rows, Dp, N, ds.data(), Np, 1, kb.data(), Dp, dq_rows.data(), Dp, false);
+          scalar_t* dq_out = dqp + ((static_cast<long>(b) * H + h) * N + i0) * D;
+          const float dq_scale = scale;  // a local, not the captured reference a store could alias: vectorises
+          for (int i = 0; i < rows; ++i)
+            for (int d = 0; d < D; ++d) dq_out[i * D + d] = static_cast<scalar_t>(dq_rows[i * Dp + d] * dq_scale);
+        }
+      }
+      scalar_t* dk_out = dkp + (static_cast<long>(b) * KV + kv) * N * D;
+      scalar_t* dv_out = dvp + (static_cast<long>(b) * KV + kv) * N * D;
+      for (int j = 0; j < N; ++j)
+        for (int d = 0; d < D; ++d) {
+          dk_out[j * D + d] = static_cast<scalar_t>(dk_acc[j * Dp + d]);
+          dv_out[j * D + d] = static_cast<scalar_t>(dv_acc[j * Dp + d]);
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                      const at::Tensor& k, const at::Tensor& v,
+                                                                      const at::Tensor& out, const at::Tensor& lse) {
+  check_backward(grad_out, q, k, v, out, lse);
+  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor here, got ", q.device());
+  auto lse_c = lse.contiguous();
+  auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  auto dv = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
+  if (q.scalar_type() == at::kFloat)
+    backward_kernel<float>(grad_out, q, k, v, out, lse_c, dq, dk, dv);
+  else
+    backward_kernel<at::BFloat16>(grad_out, q, k, v, out, lse_c, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+// -----------------------------------------------------------------------------
+// registration: the schemas of every op live here, noise_steps.cpp adds its own with a fragment
+
+TORCH_LIBRARY(dit_kernels, m) {
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dit_kernels, CPU, m) {
+  m.impl("attention_forward", &attention_forward_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace dit_kernels
+
+// `from csrc import _C` loads this library, which runs the registrations above; the module itself is empty
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,303 @@
+"""
+The csrc kernels against their references: model.attention_reference and diffusion's *_reference
+formulas. Skipped as a whole when the extension is not built (make kernels). Run from the repo root.
+"""
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for model, diffusion, csrc
+
+ops = pytest.importorskip("csrc.ops", reason="csrc extension not built (make kernels)")
+import diffusion  # noqa: E402
+import model  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def qkv(B, H, KV, N, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, heads, N, D, generator=g) for heads in (H, KV, KV))
+    return [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+
+
+def reference_with_grads(q, k, v, grad_out):
+    """The reference output and gradients in float64, the ground truth for both dtypes."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = model.attention_reference(q64, k64, v64)
+    return (out, *torch.autograd.grad(out, (q64, k64, v64), grad_out.double()))
+
+
+def kernel_with_grads(q, k, v, grad_out):
+    out = ops.attention(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+# -----------------------------------------------------------------------------
+# attention values and gradients
+
+shapes = list(itertools.product([1, 17, 65, 257], [16, 48, 64, 80, 128], [(8, 2), (8, 8), (8, 1), (6, 3), (4, 4)]))
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("N, D, heads", shapes)
+def test_attention_fp32_matches_reference(device, N, D, heads):
+    H, KV = heads
+    q, k, v = qkv(2, H, KV, N, D, device=device)
+    grad_out = torch.randn_like(q)
+    for got, want in zip(kernel_with_grads(q, k, v, grad_out), reference_with_grads(q, k, v, grad_out)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("N, D, heads", [(17, 48, (8, 2)), (65, 64, (6, 3)), (257, 128, (4, 4)), (1, 16, (8, 1))])
+def test_attention_bf16_matches_reference(device, N, D, heads):
+    H, KV = heads
+    q, k, v = qkv(2, H, KV, N, D, dtype=torch.bfloat16, device=device)
+    grad_out = torch.randn_like(q)
+    got = kernel_with_grads(q, k, v, grad_out)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    # the reference sees the same bf16-rounded inputs; what is left is bf16 rounding of results
+    for g, want in zip(got, reference_with_grads(q, k, v, grad_out)):
+        torch.testing.assert_close(g.double(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_attention_accepts_non_contiguous_inputs(device):
+    B, H, KV, N, D = 2, 8, 2, 33, 48
+    qkv_flat = torch.randn(B, N, (H + 2 * KV) * D, device=device)  # as the model's qkv projection
+    q, k, v = qkv_flat.split([H * D, KV * D, KV * D], dim=-1)
+    q = q.view(B, N, H, D).transpose(1, 2)
+    k = k.view(B, N, KV, D).transpose(1, 2)
+    v = v.view(B, N, KV, D).transpose(1, 2)[..., ::1]
+    assert not q.is_contiguous()
+    torch.testing.assert_close(ops.attention(q, k, v), model.attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+    strided = [t[:, :, ::2] for t in qkv(B, H, KV, 2 * N, D, device=device)]  # every other token
+    torch.testing.assert_close(ops.attention(*strided), model.attention_reference(*strided), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_gradient_matches_finite_differences():
+    # fp32 only, so a directional derivative with a central difference; float64 is not supported
+    q, k, v = qkv(1, 4, 2, 9, 16)
+    directions = [torch.randn_like(t) for t in (q, k, v)]
+    weight = torch.randn(1, 4, 9, 16)
+    loss = (ops.attention(q, k, v) * weight).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    analytic = sum((g * d).sum() for g, d in zip(grads, directions))
+    eps = 1e-2
+    with torch.no_grad():
+        plus = (ops.attention(*(t + eps * d for t, d in zip((q, k, v), directions))) * weight).sum()
+        minus = (ops.attention(*(t - eps * d for t, d in zip((q, k, v), directions))) * weight).sum()
+    torch.testing.assert_close(analytic, (plus - minus) / (2 * eps), atol=2e-2, rtol=2e-2)
+
+
+def test_attention_returns_log_sum_exp():
+    q, k, v = qkv(2, 8, 2, 17, 48)
+    _, lse = torch.ops.dit_kernels.attention_forward(q, k, v)
+    scores = (q * 48 ** -0.5).view(2, 2, 4, 17, 48) @ k.unsqueeze(2).transpose(-2, -1)
+    torch.testing.assert_close(lse, scores.logsumexp(-1).reshape(2, 8, 17))
+
+
+# -----------------------------------------------------------------------------
+# noise steps
+
+
+def noise_inputs(num_images, dtype=torch.float32, device="cpu", B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randn(B, 3, 8, 8, generator=g).to(device, dtype) for _ in range(num_images)]
+    process = diffusion.Diffusion(diffusion.get_beta_schedule("linear", 1000))
+    t = torch.tensor([0, 10, 500, 999][:B], device=device)
+    return images, process, t
+
+
+@pytest.mark.parametrize("device", devices)
+def test_q_sample_equals_reference(device):
+    (x0, noise), process, t = noise_inputs(2, device=device)
+    coefs = process.coef("sqrt_alpha_bar", t), process.coef("sqrt_one_minus_alpha_bar", t)
+    assert torch.equal(ops.q_sample(x0, noise, *coefs), diffusion.q_sample_reference(x0, noise, *coefs))
+
+
+def sampler_coefs(name, process, t):
+    recip = [process.coef("sqrt_recip_alpha_bar", t), process.coef("sqrt_recipm1_alpha_bar", t)]
+    if name == "ddpm":
+        sigma = process.coef("posterior_variance", t).sqrt() * (t > 0)
+        return recip + [process.coef("posterior_mean_coef_x0", t), process.coef("posterior_mean_coef_xt", t), sigma]
+    ab, ab_prev = process.coef("alpha_bar", t), process.coef("alpha_bar_prev", t)
+    sigma = 0.5 * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()  # eta = 0.5, so every term counts
+    return recip + [ab_prev.sqrt(), (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt(), sigma]
+
+
+samplers = {"ddpm": (ops.ddpm_step, diffusion.ddpm_step_reference),
+            "ddim": (ops.ddim_step, diffusion.ddim_step_reference)}
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_sampler_step_equals_reference(device, clip, name):
+    # same operations in the same order, no fused multiply-adds: bitwise equal in fp32
+    images, process, t = noise_inputs(3, device=device)
+    images[0] = images[0] * 3  # x_t: some predicted x0 fall outside [-1, 1], so clipping matters
+    kernel, reference = samplers[name]
+    coefs = sampler_coefs(name, process, t)
+    got, want = kernel(*images, *coefs, clip), reference(*images, *coefs, clip)
+    assert torch.equal(got, want), (got - want).abs().max()
+    if clip:
+        assert not torch.equal(got, reference(*images, *coefs, False))
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("name", ["q_sample", "ddpm", "ddim"])
+def test_noise_steps_bf16_close_to_reference(device, name):
+    images, process, t = noise_inputs(3, dtype=torch.bfloat16, device=device)
+    if name == "q_sample":
+        args = images[:2] + [process.coef("sqrt_alpha_bar", t), process.coef("sqrt_one_minus_alpha_bar", t)]
+        got, want = ops.q_sample(*args), diffusion.q_sample_reference(*(a.float() for a in args))
+    else:
+        kernel, reference = samplers[name]
+        coefs = sampler_coefs(name, process, t)
+        got, want = kernel(*images, *coefs, True), reference(*(x.float() for x in images), *coefs, True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_noise_steps_accept_non_contiguous_images():
+    (x0, noise), process, t = noise_inputs(2)
+    x0 = x0.transpose(2, 3)  # same shape class, other strides
+    coefs = process.coef("sqrt_alpha_bar", t), process.coef("sqrt_one_minus_alpha_bar", t)
+    assert torch.equal(ops.q_sample(x0, noise, *coefs), diffusion.q_sample_reference(x0, noise, *coefs))
+
+
+# -----------------------------------------------------------------------------
+# every input check fires with a message naming the argument
+
+q, k, v = (torch.randn(2, h, 5, 16) for h in (4, 2, 2))
+attention_errors = [
+    ((q[0], k, v), r"q must be \(B, H, N, D\), got 3 dims"),
+    ((q, k[0], v), r"k must be \(B, KV, N, D\), got 3 dims"),
+    ((q, k, v[0]), r"v must be \(B, KV, N, D\), got 3 dims"),
+    ((q.double(), k, v), r"q must be float32 or bfloat16, got Double"),
+    ((q, k.bfloat16(), v), r"k must have q's dtype Float, got BFloat16"),
+    ((q, k, v.half()), r"v must have q's dtype Float, got Half"),
+    ((q, k[:, :, :4], v), r"k must be \(B, KV, N, D\) with q's B, N, D"),
+    ((q, k[:1], v), r"k must be \(B, KV, N, D\) with q's B, N, D"),
+    ((q, k, v[..., :8]), r"v must have k's shape"),
+    ((q, torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16)), r"q's heads H=4 must be a multiple of k's heads KV=3"),
+]
+
+
+@pytest.mark.parametrize("args, message", attention_errors)
+def test_attention_checks_inputs(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dit_kernels.attention_forward(*args)
+
+
+def test_attention_backward_checks_inputs():
+    out, lse = torch.ops.dit_kernels.attention_forward(q, k, v)
+    backward = torch.ops.dit_kernels.attention_backward
+    cases = [((out[:, :2], q, k, v, out, lse), r"grad_out must have q's shape"),
+             ((out, q, k, v, out[..., :8], lse), r"out must have q's shape"),
+             ((out.bfloat16(), q, k, v, out, lse), r"grad_out must have q's dtype Float, got BFloat16"),
+             ((out, q, k, v, out, lse[..., :3]), r"lse must be \(B, H, N\)"),
+             ((out, q, k, v, out, lse.double()), r"lse must be float32, got Double"),
+             ((out, q, k[0], v, out, lse), r"k must be \(B, KV, N, D\), got 3 dims")]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            backward(*args)
+
+
+x, c = torch.randn(2, 3, 4, 4), torch.rand(2)
+noise_errors = [
+    (ops.q_sample, (x[0, 0, 0, 0], x, c, c), r"x0 must be \(B, C, H, W\), got 0 dims"),
+    (ops.q_sample, (x.double(), x.double(), c, c), r"x0 must be float32 or bfloat16, got Double"),
+    (ops.q_sample, (x, x[:1], c, c), r"noise must have x0's shape"),
+    (ops.q_sample, (x, x.bfloat16(), c, c), r"noise must have x0's dtype Float, got BFloat16"),
+    (ops.q_sample, (x, x, c.double(), c), r"coef_x0 must be float32, got Double"),
+    (ops.q_sample, (x, x, c, c[:1]), r"coef_noise must be \(B,\) with B=2"),
+    (ops.ddpm_step, (x, x, x[..., :2], c, c, c, c, c, True), r"noise must have x_t's shape"),
+    (ops.ddpm_step, (x, x.bfloat16(), x, c, c, c, c, c, True), r"eps must have x_t's dtype"),
+    (ops.ddpm_step, (x, x, x, c[:, None], c, c, c, c, True), r"sqrt_recip_alpha_bar must be \(B,\)"),
+    (ops.ddpm_step, (x, x, x, c, c.half(), c, c, c, True), r"sqrt_recipm1_alpha_bar must be float32"),
+    (ops.ddpm_step, (x, x, x, c, c, c[:1], c, c, True), r"mean_coef_x0 must be \(B,\)"),
+    (ops.ddpm_step, (x, x, x, c, c, c, c.double(), c, True), r"mean_coef_xt must be float32"),
+    (ops.ddpm_step, (x, x, x, c, c, c, c, c[:1], True), r"sigma must be \(B,\)"),
+    (ops.ddim_step, (x[0, 0, 0, 0], x, x, c, c, c, c, c, True), r"x_t must be \(B, C, H, W\), got 0 dims"),
+    (ops.ddim_step, (x, x, x, c, c, c[:1], c, c, True), r"sqrt_alpha_bar_prev must be \(B,\)"),
+    (ops.ddim_step, (x, x, x, c, c, c, c.double(), c, False), r"coef_eps must be float32"),
+    (ops.ddim_step, (x, x, x, c, c, c, c, c.half(), False), r"sigma must be float32"),
+]
+
+
+@pytest.mark.parametrize("op, args, message", noise_errors)
+def test_noise_steps_check_inputs(op, args, message):
+    with pytest.raises(RuntimeError, match=message):
+        op(*args)
+
+
+@cuda_only
+def test_checks_name_the_device():
+    qc, kc = q.cuda(), k.cuda()
+    with pytest.raises(RuntimeError, match=r"k must be on q's device cuda:0, got cpu"):
+        torch.ops.dit_kernels.attention_forward(qc, k, kc)
+    with pytest.raises(RuntimeError, match=r"coef_x0 must be on the images' device"):
+        ops.q_sample(x.cuda(), x.cuda(), c, c.cuda())
+
+
+# -----------------------------------------------------------------------------
+# registration: schemas, fake tensors, autograd, torch.compile tracing
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_attention(device, dtype):
+    q, k, v = qkv(2, 4, 2, 9, 16, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.dit_kernels.attention_forward.default, (q, k, v))
+    out, lse = torch.ops.dit_kernels.attention_forward(q, k, v)
+    torch.library.opcheck(torch.ops.dit_kernels.attention_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach()))
+
+
+@pytest.mark.parametrize("device", devices)
+def test_opcheck_noise_steps(device):
+    (x0, noise, eps), process, t = noise_inputs(3, device=device)
+    c5 = sampler_coefs("ddpm", process, t)
+    torch.library.opcheck(torch.ops.dit_kernels.q_sample.default, (x0, noise, c5[0], c5[1]))
+    for clip in (True, False):
+        torch.library.opcheck(torch.ops.dit_kernels.ddpm_step.default, (x0, eps, noise, *c5, clip))
+        torch.library.opcheck(torch.ops.dit_kernels.ddim_step.default, (x0, eps, noise, *c5, clip))
+
+
+# -----------------------------------------------------------------------------
+# a whole training step of a tiny DiT, with the kernels and with the reference
+
+
+def dit_loss_and_grads(net, x0, y, t, noise):
+    process = diffusion.Diffusion(diffusion.get_beta_schedule("linear", 1000))
+    loss = process.training_losses(net, x0, y, t, noise)[0].mean()
+    net.zero_grad()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+
+def test_dit_training_step_same_with_kernels(monkeypatch):
+    torch.manual_seed(0)
+    net = model.DiT(hidden_dim=96, depth=2, num_heads=4, num_kv_heads=2, conditioning="token", class_dropout=0.0)
+    for p in net.parameters():  # adaLN-Zero and the zero output layer would leave most gradients zero
+        torch.nn.init.normal_(p, std=0.05)
+    x0, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    t, noise = torch.tensor([10, 900]), torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(model, "_C", ops)
+    monkeypatch.setattr(diffusion, "_C", ops)
+    loss, grads = dit_loss_and_grads(net, x0, y, t, noise)
+    monkeypatch.setattr(model, "_C", None)
+    monkeypatch.setattr(diffusion, "_C", None)
+    ref_loss, ref_grads = dit_loss_and_grads(net, x0, y, t, noise)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -248,6 +248,7 @@ def main(argv):
                                               autocast_dtype)
             loss = losses.mean().item()
             if not math.isfinite(loss) or not torch.isfinite(grad_norm):
+                bar.close()  # so the error starts its own line
                 fail(f"loss={loss}, grad_norm={grad_norm.item()} at step {step}: stopping; the last good "
                      f"checkpoint {checkpoint_path} is untouched (try a lower --lr)")
             update_ema(ema, model, ema_rate_at(step, tc["ema_rate"]))

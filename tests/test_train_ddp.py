@@ -1,0 +1,115 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2", "--model.num_kv_heads=1",
+        "--sampling.steps=2", "--training.batch_size=4", "--training.warmup_steps=3", "--training.log_interval=1"]
+
+
+def options(tmp_path, data, *extra):
+    return TINY + [f"--data.data_dir={data}", f"--training.checkpoint_dir={tmp_path / 'model'}",
+                   f"--training.output_dir={tmp_path / 'outputs'}", *extra]
+
+
+def train(*args, launcher=(sys.executable,), env=None):
+    result = subprocess.run([*launcher, os.path.join(ROOT, "train_ddp.py"), *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_process_run_keeps_ranks_identical_and_writes_one_set_of_files(tmp_path, synthetic_data):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = train(*options(tmp_path, synthetic_data, "--training.num_epochs=2", "--training.checkpoint_epochs=[2]"),
+                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+                   env=env)
+    assert "ranks in sync: yes" in result.stdout + result.stderr
+    assert "2 process(es)" in result.stdout + result.stderr
+    assert sorted(os.listdir(tmp_path / "model")) == ["best_model.pth", "checkpoint_epoch_2.pth",
+                                                      "cifar10_dit_ckpt.pth"]
+    assert sorted(os.listdir(tmp_path / "outputs")) == ["sample_grid.png", "timestep_grid_10x10.png",
+                                                        "training_log.csv", "training_loss.png"]
+    with open(tmp_path / "outputs" / "training_log.csv") as f:
+        assert len(f.read().strip().splitlines()) == 1 + 2  # header and one row per epoch, not one per rank
+    state = torch.load(tmp_path / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+    # 40 images, 2 ranks of 20, 5 steps of 4 per epoch
+    assert state["epoch"] == 2 and state["step"] == 10 and len(state["rng_per_rank"]) == 2
+
+
+def test_resume_continues_exactly(tmp_path, synthetic_data):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(*options(straight, synthetic_data, "--training.max_steps=14"))
+    train(*options(split, synthetic_data, "--training.max_steps=7"))  # stops mid-epoch (10 steps per epoch)
+    train(*options(split, synthetic_data, "--training.max_steps=14"), "--resume", "auto")
+    a = torch.load(straight / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+    b = torch.load(split / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+    assert a["step"] == b["step"] == 14
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    checkpoint.save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, str(path))
+    good = path.read_bytes()
+
+    def dies_halfway(obj, f):
+        f.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt  # Ctrl-C, or the process being killed, in the middle of the write
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, str(path))
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["ckpt.pth"]  # no temporary file left behind
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path, synthetic_data):
+    args = options(tmp_path, synthetic_data, "--training.save_every=1", "--training.num_epochs=1000")
+    latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ddp.py"), *args], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    assert latest.exists(), "no checkpoint after the first epoch"
+    first = torch.load(latest, weights_only=False)["step"]
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    stopped = torch.load(latest, weights_only=False)
+    assert stopped["step"] >= first
+    train(*options(tmp_path, synthetic_data, f"--training.max_steps={stopped['step'] + 3}"), "--resume", "auto")
+    assert torch.load(latest, weights_only=False)["step"] == stopped["step"] + 3
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, synthetic_data):
+    train(*options(tmp_path, synthetic_data, "--training.max_steps=2"))
+    latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
+    good = latest.read_bytes()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"),
+                             *options(tmp_path, synthetic_data, "--training.max_steps=30",
+                                      "--training.learning_rate=1e30", "--training.grad_clip=0.0"),
+                             "--resume", "auto"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss became" in errors[0] and "untouched" in errors[0]
+    assert latest.read_bytes() == good
+
+
+def test_bad_option_is_a_one_line_error(tmp_path, synthetic_data):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"), "--training.batch_size=many"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "batch_size" in result.stderr

@@ -1,0 +1,272 @@
+"""
+The main training script. The same file runs on one CPU, one GPU, many GPUs and many nodes:
+
+    python train_ddp.py                                             # one process
+    torchrun --nproc_per_node=4 train_ddp.py --training.batch_size=64
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_ddp.py
+    torchrun --nproc_per_node=8 --max-restarts=3 train_ddp.py --resume auto   # survives preemption
+
+Every config value is an option (--section.key=value). Rank 0 alone writes: model/cifar10_dit_ckpt.pth
+every save_every epochs, model/best_model.pth when the epoch loss improves, model/checkpoint_epoch_{N}.pth
+at training.checkpoint_epochs, outputs/training_log.csv and training_loss.png, and at the end
+outputs/sample_grid.png and outputs/timestep_grid_10x10.png from the EMA weights.
+"""
+import copy
+import csv
+import glob
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from config import fail, load_config
+from csrc import KERNELS_PATH
+from data import load_cifar10, plot_curves, random_batches
+from diffusion import Diffusion
+from model import build_model, model_summary, update_ema
+from sample import save_class_grid, save_timestep_grid
+from train_cpu import ema_rate_at, lr_at, train_step
+
+# -----------------------------------------------------------------------------
+# command line: --resume PATH|auto, the rest is configuration
+
+argv = sys.argv[1:]
+resume = None
+for i, arg in enumerate(argv):
+    if arg == "--resume" or arg.startswith("--resume="):
+        resume = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+        del argv[i:i + (1 if "=" in arg else 2)]
+        if not resume:
+            fail("--resume needs a checkpoint path or 'auto'")
+        break
+cfg = load_config(argv)
+tc = cfg["training"]
+ckpt_dir, out_dir = tc["checkpoint_dir"], tc["output_dir"]
+latest_path = os.path.join(ckpt_dir, "cifar10_dit_ckpt.pth")
+if resume == "auto":
+    resume = latest_path if os.path.exists(latest_path) else None  # nothing yet: start fresh
+resumed = load_checkpoint(resume) if resume else None
+if resumed is not None:
+    cfg = load_config(argv, base=resumed["config"])  # the run's own config, with the given overrides on top
+    tc = cfg["training"]
+
+# -----------------------------------------------------------------------------
+# distributed setup from torchrun's environment; plain python is a world of one
+
+distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+if distributed:
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+rank = dist.get_rank() if distributed else 0
+world_size = dist.get_world_size() if distributed else 1
+local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+master = rank == 0
+if torch.cuda.is_available():
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 master weights, TF32 tensor-core matmuls
+    torch.backends.cudnn.allow_tf32 = True
+else:
+    device = torch.device("cpu")
+    # the cores are shared out among the processes on this machine
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+autocast_dtype = torch.bfloat16 if tc["precision"] == "bf16" or (tc["precision"] == "auto" and device.type == "cuda") else None
+
+
+def log(message):
+    if master:
+        tqdm.write(message)
+
+
+# -----------------------------------------------------------------------------
+# data: the whole training set as one uint8 tensor on the device; shuffling, flips and scaling happen there
+
+data_started = time.time()
+images, labels, class_names = load_cifar10(cfg["data"]["data_dir"], "train", image_size=cfg["model"]["image_size"])
+if len(class_names) > cfg["model"]["num_classes"]:
+    fail(f"the data has {len(class_names)} classes but model.num_classes={cfg['model']['num_classes']}")
+images, labels = images.to(device), labels.to(device)
+batch_size = tc["batch_size"]
+sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"],
+                             drop_last=True)
+steps_per_epoch = len(sampler) // batch_size
+if steps_per_epoch == 0:
+    fail(f"batch_size={batch_size} x {world_size} processes is more than the {len(images)} training images")
+
+# -----------------------------------------------------------------------------
+# model, EMA, optimiser; the same seed on every rank for the weights, a rank-dependent one for the noise
+
+torch.manual_seed(tc["seed"])
+model = build_model(cfg["model"]).to(device)
+ema = copy.deepcopy(model).requires_grad_(False).eval()
+optimizer = torch.optim.AdamW(model.parameters(), lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
+diffusion = Diffusion.from_config(cfg["diffusion"])
+step, elapsed, best_loss = 0, 0.0, float("inf")
+torch.manual_seed(tc["seed"] + 1000 * rank)
+if resumed is not None:
+    try:
+        model.load_state_dict(resumed["model"])
+    except RuntimeError:
+        fail(f"--resume {resume}: its weights do not fit the model the given options describe")
+    ema.load_state_dict(resumed["ema"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    step, elapsed, best_loss = resumed["step"], resumed.get("elapsed", 0.0), resumed.get("best_loss", float("inf"))
+    rng_states = resumed.get("rng_per_rank") or [resumed["rng"]]
+    if len(rng_states) == world_size:
+        set_rng_state(rng_states[rank])  # the exact continuation; another world size draws fresh noise
+if master:
+    print(model_summary(model, cfg["model"]))
+compiled = torch.compile(model) if tc["compile"] else model
+forward = DistributedDataParallel(compiled, device_ids=[local_rank] if device.type == "cuda" else None) \
+    if distributed else compiled
+max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
+log(f"{world_size} process(es) on {device.type} | batch {batch_size} per process, {batch_size * world_size} in all | "
+    f"{steps_per_epoch} steps/epoch | {'bf16 autocast' if autocast_dtype else 'fp32'} | kernels: {KERNELS_PATH} | "
+    f"data loaded in {time.time() - data_started:.1f} s | step {step} -> {max_steps}")
+
+# -----------------------------------------------------------------------------
+# preemption: SIGTERM or Ctrl-C finishes the step, saves, and exits cleanly; all ranks agree to stop
+
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if stop_requested:
+        raise KeyboardInterrupt
+    stop_requested = True
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+
+def everyone(flag):
+    """True if flag is true on any rank: stopping is decided together, or the others would wait forever."""
+    if not distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() > 0
+
+
+def save(path, epoch):
+    """Collective (every rank's RNG state is gathered); rank 0 writes atomically."""
+    states = [None] * world_size
+    if distributed:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if master:
+        save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "epoch": epoch, "elapsed": elapsed, "best_loss": best_loss, "config": cfg,
+                         "class_names": class_names, "rng": states[0], "rng_per_rank": states,
+                         "world_size": world_size}, path)
+
+
+# -----------------------------------------------------------------------------
+# training loop: one epoch after another, a CSV row and a line per epoch
+
+log_path = os.path.join(out_dir, "training_log.csv")
+columns = ["epoch", "step", "loss", "seconds", "data_seconds", "images_per_s", "lr", "elapsed_s"]
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.path.exists(log_path) or resumed is None:
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(columns)
+model.train()
+generator = torch.Generator(device)
+run_started = time.time()
+finished = step >= max_steps
+while not finished:
+    epoch, position = divmod(step, steps_per_epoch)
+    sampler.set_epoch(epoch)
+    shard = torch.tensor(list(sampler), device=device)
+    generator.manual_seed(tc["seed"] * 100003 + epoch * 1009 + rank)  # order and flips depend on (epoch, rank)
+    batches = random_batches(images, labels, batch_size, generator, cfg["data"]["random_flip"], indices=shard)
+    for _ in range(position):  # a resumed run skips to the batch it stopped before
+        next(batches)
+    loss_sum, loss_count, epoch_seconds, data_seconds = torch.zeros((), device=device), 0, 0.0, 0.0
+    bar = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", leave=False, disable=not master,
+               dynamic_ncols=True)
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        data_seconds += time.perf_counter() - started
+        if batch is None:
+            break
+        x, y = batch
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        losses, _, grad_norm = train_step(forward, diffusion, optimizer, x, y, grad_clip=tc["grad_clip"],
+                                          autocast_dtype=autocast_dtype)
+        if not torch.isfinite(grad_norm):  # after DDP's all-reduce, so every rank sees the same value
+            bar.close()  # so the error starts its own line
+            fail(f"loss became {losses.mean().item()} (grad norm {grad_norm.item()}) at step {step}: stopping; "
+                 f"the last good checkpoint in {ckpt_dir}/ is untouched (try a lower --training.learning_rate)")
+        update_ema(ema, model, ema_rate_at(step, tc["ema_rate"]))
+        step += 1
+        loss_sum += losses.detach().mean()
+        loss_count += 1
+        if device.type == "cuda" and step % tc["log_interval"] == 0:
+            torch.cuda.synchronize()  # so the timing below measures the work, not the queue
+        seconds = time.perf_counter() - started
+        epoch_seconds += seconds
+        elapsed += seconds
+        bar.update(1)
+        if step % tc["log_interval"] == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}")
+        out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
+        if everyone(stop_requested or out_of_time) or step >= max_steps:
+            finished = True
+            break
+    bar.close()
+    complete_epoch = position == 0 and loss_count == steps_per_epoch
+    epoch_done = epoch + 1 if step % steps_per_epoch == 0 else epoch
+    if distributed:
+        dist.all_reduce(loss_sum)
+        loss_sum /= world_size
+    epoch_loss = loss_sum.item() / max(loss_count, 1)
+    rate = loss_count * batch_size * world_size / max(epoch_seconds, 1e-9)
+    log(f"epoch {epoch_done} | loss {epoch_loss:.4f} | {epoch_seconds:.1f} s | {rate:.0f} img/s | "
+        f"data {data_seconds:.2f} s")
+    if master:
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([epoch_done, step, epoch_loss, epoch_seconds, data_seconds, rate,
+                                    optimizer.param_groups[0]["lr"], elapsed])
+    if complete_epoch and epoch_loss < best_loss:
+        best_loss = epoch_loss
+        save(os.path.join(ckpt_dir, "best_model.pth"), epoch_done)
+    if complete_epoch and epoch_done in tc["checkpoint_epochs"]:
+        save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch_done}.pth"), epoch_done)
+    if finished or (complete_epoch and epoch_done % tc["save_every"] == 0):
+        save(latest_path, epoch_done)
+
+# -----------------------------------------------------------------------------
+# the end: replicas must agree; plots and grids from the EMA weights
+
+if distributed:
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(sums, checksum)
+    in_sync = all(torch.equal(s, sums[0]) for s in sums)
+    log(f"ranks in sync: {'yes' if in_sync else 'NO'} (parameter checksum {sums[0].item():.6f})")
+if master:
+    total = time.time() - run_started
+    images_seen = step * batch_size * world_size
+    plot_curves(log_path, os.path.join(out_dir, "training_loss.png"), "epoch", ["loss"],
+                f"training loss | {step} steps, {elapsed / 60:.1f} min of training ({total / 60:.1f} min wall), "
+                f"{images_seen / max(elapsed, 1e-9):.0f} img/s, {world_size} x {device.type}")
+    if not stop_requested:
+        save_class_grid(ema, cfg, class_names, os.path.join(out_dir, "sample_grid.png"), per_class=10)
+        save_timestep_grid(ema, cfg, os.path.join(out_dir, "timestep_grid_10x10.png"))
+    print(f"done: step {step}, {elapsed / 60:.1f} min of training | {latest_path} | {out_dir}/")
+if distributed:
+    dist.destroy_process_group()

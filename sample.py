@@ -71,6 +71,7 @@ def save_timestep_grid(model, cfg, path, num_samples=10, num_snapshots=10, gener
     device = next(model.parameters()).device
     labels = torch.arange(num_samples, device=device) % cfg["model"]["num_classes"]
     steps = kwargs.pop("steps", None) or cfg["sampling"]["steps"]
+    kwargs.pop("batch_size", None)  # one batch of num_samples, so the snapshots line up
     steps = min(steps, cfg["diffusion"]["num_steps"])
     num_steps = len(Diffusion.from_config(cfg["diffusion"]).respace(steps).timestep_map)
     keep = set(np.linspace(0, num_steps - 1, num_snapshots).round().astype(int).tolist())
@@ -183,7 +184,7 @@ def main(argv=None):
             fail(f"--{name}={getattr(args, name)} must be at least 1")
     if args.per_class < 1:
         fail(f"--per_class={args.per_class} must be at least 1")
-    if args.num_samples < 0 or (args.num_samples and not args.out):
+    if args.num_samples < 0 or (args.num_samples and not args.out) or (args.out and args.num_samples < 1):
         fail(f"--num_samples={args.num_samples}: expected a positive count together with --out")
 
     from checkpoint import model_from_checkpoint

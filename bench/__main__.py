@@ -11,11 +11,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SECTIONS = ["kernels", "cpu_recipe", "train", "sample"]
 
-for section in sys.argv[1:] or SECTIONS:
+for section in sys.argv[1:] or list(SECTIONS):
     if section not in SECTIONS:
         print(f"error: unknown bench section {section!r}: expected one of {', '.join(SECTIONS)}", file=sys.stderr)
         raise SystemExit(2)
     if not os.path.exists(os.path.join(os.path.dirname(__file__), f"{section}.py")):
         continue
     print(f"\n## {section}\n", flush=True)
+    sys.argv = [f"bench/{section}.py"]  # each section parses its own (empty) command line
     runpy.run_module(f"bench.{section}", run_name="__main__")

@@ -1,0 +1,84 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import sample
+from checkpoint import model_from_checkpoint, save_checkpoint
+from data import to_uint8
+from test_evaluate import common_args, expect_one_line_error, tiny_checkpoint, workspace  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_checkpoint(tmp_path / "tiny.pth")
+
+
+def test_samples_npz_round_trips_the_sampled_images_and_labels(tiny, tmp_path):
+    model, cfg, _ = model_from_checkpoint(tiny)
+    labels = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    sample.write_samples_npz(str(tmp_path / "s.npz"), model, cfg, labels, progress=False, batch_size=3,
+                             generator=torch.Generator().manual_seed(7))
+    images, read_labels = sample.read_samples(str(tmp_path / "s.npz"))
+    expected = sample.sample_images(model, cfg, labels, batch_size=3, generator=torch.Generator().manual_seed(7))
+    assert images.dtype == np.uint8 and images.shape == (7, 32, 32, 3)
+    np.testing.assert_array_equal(images, to_uint8(expected).permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(read_labels, labels.numpy())
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []  # no scratch file left behind
+
+
+def test_samples_folder_round_trips_losslessly(tiny, tmp_path):
+    model, cfg, _ = model_from_checkpoint(tiny)
+    labels = torch.tensor([0, 1, 2])
+    names = [f"class{i}" for i in range(10)]
+    sample.write_samples_folder(str(tmp_path / "pngs"), model, cfg, labels, names, progress=False,
+                                generator=torch.Generator().manual_seed(0))
+    images, read_labels = sample.read_samples(str(tmp_path / "pngs"))
+    expected = sample.sample_images(model, cfg, labels, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(images, to_uint8(expected).permute(0, 2, 3, 1).numpy())
+    assert read_labels is None
+
+
+def test_class_ids_out_of_range_are_a_one_line_error(tiny, tmp_path, capsys):
+    run = lambda: sample.main(["--checkpoint", tiny, "--classes", "0,10", "--output_dir", str(tmp_path)])
+    expect_one_line_error(capsys, run, "class id 10", "0..9")
+
+
+def test_num_samples_zero_is_a_one_line_error(tiny, tmp_path, capsys):
+    run = lambda: sample.main(["--checkpoint", tiny, "--num_samples", "0", "--out", str(tmp_path / "s.npz")])
+    expect_one_line_error(capsys, run, "--num_samples=0")
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    run = lambda: sample.main(["--checkpoint", str(tmp_path / "absent.pth")])
+    expect_one_line_error(capsys, run, "absent.pth", "does not exist")
+
+
+def test_checkpoint_of_another_architecture_is_a_one_line_error(tiny, tmp_path, capsys):
+    state = torch.load(tiny, weights_only=False)
+    state["config"]["model"]["name"] = "unet"  # DiT weights under a UNet config
+    save_checkpoint(state, str(tmp_path / "other.pth"))
+    run = lambda: sample.main(["--checkpoint", str(tmp_path / "other.pth"), "--output_dir", str(tmp_path)])
+    expect_one_line_error(capsys, run, "other.pth", "architecture")
+
+
+def test_sample_then_evaluate_end_to_end_on_cpu(tiny, workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "outputs"
+    sample.main(["--checkpoint", tiny, "--classes", "0,3", "--per_class", "2", "--num_samples", "12", "--out",
+                 str(out / "samples.npz"), "--output_dir", str(out), "--device", "cpu"])
+    for name in ("sample_grid.png", "timestep_grid_10x10.png", "samples.npz"):
+        assert (out / name).stat().st_size > 0, name
+    images, labels = sample.read_samples(str(out / "samples.npz"))
+    assert images.shape == (12, 32, 32, 3) and set(labels.tolist()) == {0, 3}
+
+    evaluate.main(["--samples", str(out / "samples.npz")] + common_args(workspace, out))
+    with open(out / "evaluation_results.json") as f:
+        results = json.load(f)
+    assert results["num_samples"] == 12 and results["fid_score"] is None  # no Inception weights asked for
+    per_class = list(results["classifier_accuracy_per_class"].values())  # the classifier's class names
+    assert per_class[1] is None and 0 <= per_class[0] <= 1
+    assert results["classifier_accuracy"] == pytest.approx((per_class[0] + per_class[3]) / 2)
+    assert np.isfinite(results["classifier_fid"]) and (out / "real_vs_fake.png").stat().st_size > 0

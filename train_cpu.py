@@ -233,7 +233,9 @@ def main(argv):
     log_window, save_window = new_window(), new_window()
     generator = torch.Generator()
     model.train()
-    bar = tqdm(total=max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    # a time-limited run has no meaningful step total; the bar then shows steps and their rate
+    bar = tqdm(total=None if tc["max_minutes"] and not tc["max_steps"] else max_steps, initial=step, desc="training",
+               unit="step", dynamic_ncols=True)
     while step < max_steps and not stop["requested"]:
         epoch, position = divmod(step, steps_per_epoch)
         generator.manual_seed(tc["seed"] * 100003 + epoch)  # each epoch's order depends on the epoch alone,

@@ -75,9 +75,10 @@ if torch.cuda.is_available():
     torch.backends.cudnn.allow_tf32 = True
 else:
     device = torch.device("cpu")
-    # the cores are shared out among the processes on this machine
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-autocast_dtype = torch.bfloat16 if tc["precision"] == "bf16" or (tc["precision"] == "auto" and device.type == "cuda") else None
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins; else the cores are shared out
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+bf16 = tc["precision"] == "bf16" or (tc["precision"] == "auto" and device.type == "cuda")
+autocast_dtype = torch.bfloat16 if bf16 else None
 
 
 def log(message):
@@ -168,7 +169,7 @@ def save(path, epoch):
         save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "epoch": epoch, "elapsed": elapsed, "best_loss": best_loss, "config": cfg,
                          "class_names": class_names, "rng": states[0], "rng_per_rank": states,
-                         "world_size": world_size}, path)
+                         "world_size": world_size, "epoch_loss": epoch_progress}, path)
 
 
 # -----------------------------------------------------------------------------
@@ -178,9 +179,14 @@ log_path = os.path.join(out_dir, "training_log.csv")
 columns = ["epoch", "step", "loss", "seconds", "data_seconds", "images_per_s", "lr", "elapsed_s"]
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if not os.path.exists(log_path) or resumed is None:
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(columns)
+    rows = []
+    if resumed is not None and os.path.exists(log_path):  # rows past the checkpoint were trained again: drop them
+        with open(log_path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+    with open(log_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([row[c] for c in columns] for row in rows)
 model.train()
 generator = torch.Generator(device)
 run_started = time.time()
@@ -193,7 +199,10 @@ while not finished:
     batches = random_batches(images, labels, batch_size, generator, cfg["data"]["random_flip"], indices=shard)
     for _ in range(position):  # a resumed run skips to the batch it stopped before
         next(batches)
-    loss_sum, loss_count, epoch_seconds, data_seconds = torch.zeros((), device=device), 0, 0.0, 0.0
+    loss_sum, loss_count, steps_run, epoch_seconds, data_seconds = torch.zeros((), device=device), 0, 0, 0.0, 0.0
+    if position > 0 and resumed is not None and resumed.get("epoch_loss"):  # the stopped run's part of this epoch
+        carried_sum, loss_count = resumed["epoch_loss"]
+        loss_sum += carried_sum  # already the mean over ranks: the all-reduce and division below keep it so
     bar = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", leave=False, disable=not master,
                dynamic_ncols=True)
     while True:
@@ -215,6 +224,7 @@ while not finished:
         step += 1
         loss_sum += losses.detach().mean()
         loss_count += 1
+        steps_run += 1
         if device.type == "cuda" and step % tc["log_interval"] == 0:
             torch.cuda.synchronize()  # so the timing below measures the work, not the queue
         seconds = time.perf_counter() - started
@@ -228,25 +238,27 @@ while not finished:
             finished = True
             break
     bar.close()
-    complete_epoch = position == 0 and loss_count == steps_per_epoch
-    epoch_done = epoch + 1 if step % steps_per_epoch == 0 else epoch
+    epoch_ended = step % steps_per_epoch == 0  # also when a resumed run finished an epoch another one began
+    epoch_done = epoch + 1 if epoch_ended else epoch
     if distributed:
         dist.all_reduce(loss_sum)
         loss_sum /= world_size
     epoch_loss = loss_sum.item() / max(loss_count, 1)
-    rate = loss_count * batch_size * world_size / max(epoch_seconds, 1e-9)
-    log(f"epoch {epoch_done} | loss {epoch_loss:.4f} | {epoch_seconds:.1f} s | {rate:.0f} img/s | "
+    epoch_progress = None if epoch_ended else (loss_sum.item(), loss_count)  # a resumed run carries it on
+    rate = steps_run * batch_size * world_size / max(epoch_seconds, 1e-9)
+    partial = "" if epoch_ended else f" ({step % steps_per_epoch}/{steps_per_epoch} steps)"
+    log(f"epoch {epoch + 1}{partial} | loss {epoch_loss:.4f} | {epoch_seconds:.1f} s | {rate:.0f} img/s | "
         f"data {data_seconds:.2f} s")
-    if master:
+    if master:  # the epoch column is fractional for a run stopped mid-epoch, so the plot's x axis stays true
         with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([epoch_done, step, epoch_loss, epoch_seconds, data_seconds, rate,
-                                    optimizer.param_groups[0]["lr"], elapsed])
-    if complete_epoch and epoch_loss < best_loss:
+            csv.writer(f).writerow([round(step / steps_per_epoch, 4), step, epoch_loss, epoch_seconds, data_seconds,
+                                    rate, optimizer.param_groups[0]["lr"], elapsed])
+    if epoch_ended and epoch_loss < best_loss:
         best_loss = epoch_loss
         save(os.path.join(ckpt_dir, "best_model.pth"), epoch_done)
-    if complete_epoch and epoch_done in tc["checkpoint_epochs"]:
+    if epoch_ended and epoch_done in tc["checkpoint_epochs"]:
         save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch_done}.pth"), epoch_done)
-    if finished or (complete_epoch and epoch_done % tc["save_every"] == 0):
+    if finished or (epoch_ended and epoch_done % tc["save_every"] == 0):
         save(latest_path, epoch_done)
 
 # -----------------------------------------------------------------------------

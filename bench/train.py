@@ -6,6 +6,7 @@ measured bf16 matmul ceiling.
 
     python -m bench train
 """
+import importlib
 import os
 import socket
 import sys
@@ -53,7 +54,9 @@ def ddp_ms(world_size):
         port = s.getsockname()[1]
     threads = max(1, (os.cpu_count() or 1) // world_size)
     result = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(ddp_worker, args=(world_size, port, threads, result), nprocs=world_size)
+    # by module name: under `python -m bench` this file runs as __main__, whose functions spawn cannot pickle
+    worker = importlib.import_module("bench.train").ddp_worker
+    mp.spawn(worker, args=(world_size, port, threads, result), nprocs=world_size)
     return result.get()
 
 

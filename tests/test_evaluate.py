@@ -237,7 +237,8 @@ def test_reference_statistics_are_computed_once_and_cached(tmp_path):
     data_dir = write_synthetic_cifar(str(tmp_path / "data"), num_train=10, num_test=5)
     weights = random_inception_weights(tmp_path / "inception.pth")
     extractor = evaluate.build_inception(weights, "cpu")
-    args = evaluate.parse_args(["--samples", "unused.npz", "--data-dir", data_dir, "--cache-dir",
+    (tmp_path / "unused.npz").touch()  # parse_args wants an existing samples path; it is never read here
+    args = evaluate.parse_args(["--samples", str(tmp_path / "unused.npz"), "--data-dir", data_dir, "--cache-dir",
                                 str(tmp_path / "cache"), "--batch-size", "5"])
     first = evaluate.reference_statistics("test", extractor, weights, args)
     images, _, _ = load_cifar10(data_dir, "test")

@@ -1,3 +1,4 @@
+import csv
 import os
 import signal
 import subprocess
@@ -19,19 +20,26 @@ def options(tmp_path, data, *extra):
                    f"--training.output_dir={tmp_path / 'outputs'}", *extra]
 
 
-def train(*args, launcher=(sys.executable,), env=None):
+# one thread per process: the tiny model gains nothing from more, and the runs stay quick on a busy machine
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def train(*args, launcher=(sys.executable,)):
     result = subprocess.run([*launcher, os.path.join(ROOT, "train_ddp.py"), *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600, env=env)
+                            cwd=ROOT, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
+def read_log(out_dir):
+    with open(out_dir / "training_log.csv", newline="") as f:
+        return {int(row["step"]): row for row in csv.DictReader(f)}
+
+
 @pytest.mark.slow
 def test_two_process_run_keeps_ranks_identical_and_writes_one_set_of_files(tmp_path, synthetic_data):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     result = train(*options(tmp_path, synthetic_data, "--training.num_epochs=2", "--training.checkpoint_epochs=[2]"),
-                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
-                   env=env)
+                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert "ranks in sync: yes" in result.stdout + result.stderr
     assert "2 process(es)" in result.stdout + result.stderr
     assert sorted(os.listdir(tmp_path / "model")) == ["best_model.pth", "checkpoint_epoch_2.pth",
@@ -45,17 +53,29 @@ def test_two_process_run_keeps_ranks_identical_and_writes_one_set_of_files(tmp_p
     assert state["epoch"] == 2 and state["step"] == 10 and len(state["rng_per_rank"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, synthetic_data):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(*options(straight, synthetic_data, "--training.max_steps=14"))
-    train(*options(split, synthetic_data, "--training.max_steps=7"))  # stops mid-epoch (10 steps per epoch)
-    train(*options(split, synthetic_data, "--training.max_steps=14"), "--resume", "auto")
+    every_epoch = "--training.checkpoint_epochs=[1]"
+    train(*options(straight, synthetic_data, "--training.max_steps=14", every_epoch))
+    train(*options(split, synthetic_data, "--training.max_steps=7", every_epoch))  # mid-epoch: 10 steps per epoch
+    train(*options(split, synthetic_data, "--training.max_steps=14", every_epoch), "--resume", "auto")
     a = torch.load(straight / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
     b = torch.load(split / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
     assert a["step"] == b["step"] == 14
     for key in ("model", "ema"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), (key, name)
+    # the first epoch's loss covers all 10 steps although two processes trained it
+    straight_log, split_log = read_log(straight / "outputs"), read_log(split / "outputs")
+    assert sorted(straight_log) == [10, 14] and sorted(split_log) == [7, 10, 14]
+    assert straight_log[10]["loss"] == split_log[10]["loss"] and straight_log[14]["loss"] == split_log[14]["loss"]
+    assert a["best_loss"] == b["best_loss"] == float(straight_log[10]["loss"])
+    # the epoch the resumed run completed still gets its checkpoint_epoch_1.pth and best_model.pth
+    for name in ("checkpoint_epoch_1.pth", "best_model.pth"):
+        first, second = (torch.load(run / "model" / name, weights_only=False) for run in (straight, split))
+        assert first["step"] == second["step"] == 10
+        assert all(torch.equal(value, second["model"][key]) for key, value in first["model"].items())
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -74,11 +94,12 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert os.listdir(tmp_path) == ["ckpt.pth"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path, synthetic_data):
     args = options(tmp_path, synthetic_data, "--training.save_every=1", "--training.num_epochs=1000")
     latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ddp.py"), *args], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.5)
@@ -101,7 +122,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, sy
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"),
                              *options(tmp_path, synthetic_data, "--training.max_steps=30",
                                       "--training.learning_rate=1e30", "--training.grad_clip=0.0"),
-                             "--resume", "auto"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                             "--resume", "auto"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "loss became" in errors[0] and "untouched" in errors[0]

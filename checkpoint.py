@@ -22,6 +22,9 @@ def save_checkpoint(state, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is shared like any output
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)

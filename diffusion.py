@@ -136,7 +136,11 @@ class Diffusion:
         return self._device_tables[key][t]
 
     def model_timesteps(self, t):
-        return torch.as_tensor(self.timestep_map, device=t.device)[t]
+        """The trained-on timesteps of step indices t; the table is copied to t's device once, not every step."""
+        key = ("timestep_map", t.device)
+        if key not in self._device_tables:
+            self._device_tables[key] = torch.as_tensor(self.timestep_map, device=t.device)
+        return self._device_tables[key][t]
 
     # ---- training
 

@@ -35,6 +35,7 @@ if use_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     extension = CUDAExtension
     extra_compile_args["nvcc"] = nvcc
+    cxx.append("-DWITH_CUDA")  # noise_steps.cpp then sends CUDA tensors to cuda/noise_steps.cu
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 setup(

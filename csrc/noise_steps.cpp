@@ -16,11 +16,11 @@
 namespace dit_kernels {
 
 // -----------------------------------------------------------------------------
-// checks shared by the three ops, on both devices (cuda/noise_steps.cu declares them)
+// checks shared by the three ops
 
 using Named = std::pair<const char*, const at::Tensor*>;
 
-void check_images(std::initializer_list<Named> images) {
+static void check_images(std::initializer_list<Named> images) {
   const auto& [first_name, first] = *images.begin();
   TORCH_CHECK(first->dim() >= 1, first_name, " must be (B, C, H, W), got ", first->dim(), " dims");
   TORCH_CHECK(first->scalar_type() == at::kFloat || first->scalar_type() == at::kBFloat16, first_name,
@@ -35,7 +35,7 @@ void check_images(std::initializer_list<Named> images) {
   }
 }
 
-void check_coefs(const at::Tensor& x, std::initializer_list<Named> coefs) {
+static void check_coefs(const at::Tensor& x, std::initializer_list<Named> coefs) {
   for (const auto& [name, t] : coefs) {
     TORCH_CHECK(t->device() == x.device(), name, " must be on the images' device ", x.device(), ", got ", t->device());
     TORCH_CHECK(t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
@@ -122,17 +122,39 @@ static void sampler_kernel(at::Tensor& out, const at::Tensor& x_t, const at::Ten
 }
 
 // -----------------------------------------------------------------------------
-// the ops: check, make contiguous, dispatch on dtype
+// the ops, one definition for both devices: check, make contiguous, then run the CPU loop above or the
+// CUDA kernel of cuda/noise_steps.cu on the images' device
 
-at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& coef_x0,
-                        const at::Tensor& coef_noise) {
+#ifdef WITH_CUDA
+void q_sample_cuda(at::Tensor& out, const at::Tensor& x0, const at::Tensor& noise, const at::Tensor (&coefs)[2]);
+template <bool DDIM>
+void sampler_step_cuda(at::Tensor& out, const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
+                       const at::Tensor (&coefs)[5], bool clip);
+#endif
+
+static void check_device_built(const char* name, const at::Tensor& x) {
+#ifdef WITH_CUDA
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), name, " must be a CPU or CUDA tensor, got ", x.device());
+#else
+  TORCH_CHECK(x.is_cpu(), name, " must be a CPU tensor (the extension was built without CUDA), got ", x.device());
+#endif
+}
+
+at::Tensor q_sample(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& coef_x0,
+                    const at::Tensor& coef_noise) {
   check_images({{"x0", &x0}, {"noise", &noise}});
   check_coefs(x0, {{"coef_x0", &coef_x0}, {"coef_noise", &coef_noise}});
-  TORCH_CHECK(x0.device().is_cpu(), "x0 must be a CPU tensor here, got ", x0.device());
+  check_device_built("x0", x0);
   auto x = x0.contiguous(), n = noise.contiguous();
   const at::Tensor coefs[2] = {coef_x0.contiguous(), coef_noise.contiguous()};
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return out;
+#ifdef WITH_CUDA
+  if (x.is_cuda()) {
+    q_sample_cuda(out, x, n, coefs);
+    return out;
+  }
+#endif
   if (x.scalar_type() == at::kFloat)
     q_sample_kernel<float>(out, x, n, coefs);
   else
@@ -146,13 +168,19 @@ static at::Tensor sampler_step(const at::Tensor& x_t, const at::Tensor& eps, con
                                std::initializer_list<Named> coef_args, bool clip) {
   check_images({{"x_t", &x_t}, {"eps", &eps}, {"noise", &noise}});
   check_coefs(x_t, coef_args);
-  TORCH_CHECK(x_t.device().is_cpu(), "x_t must be a CPU tensor here, got ", x_t.device());
+  check_device_built("x_t", x_t);
   auto x = x_t.contiguous(), e = eps.contiguous(), n = noise.contiguous();
   at::Tensor coefs[5];
   int c = 0;
   for (const auto& [name, t] : coef_args) coefs[c++] = t->contiguous();
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return out;
+#ifdef WITH_CUDA
+  if (x.is_cuda()) {
+    sampler_step_cuda<DDIM>(out, x, e, n, coefs, clip);
+    return out;
+  }
+#endif
   if (x.scalar_type() == at::kFloat)
     sampler_kernel<float, DDIM>(out, x, e, n, coefs, clip);
   else
@@ -160,10 +188,10 @@ static at::Tensor sampler_step(const at::Tensor& x_t, const at::Tensor& eps, con
   return out;
 }
 
-at::Tensor ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
-                         const at::Tensor& sqrt_recip_alpha_bar, const at::Tensor& sqrt_recipm1_alpha_bar,
-                         const at::Tensor& mean_coef_x0, const at::Tensor& mean_coef_xt, const at::Tensor& sigma,
-                         bool clip) {
+at::Tensor ddpm_step(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
+                     const at::Tensor& sqrt_recip_alpha_bar, const at::Tensor& sqrt_recipm1_alpha_bar,
+                     const at::Tensor& mean_coef_x0, const at::Tensor& mean_coef_xt, const at::Tensor& sigma,
+                     bool clip) {
   return sampler_step<false>(x_t, eps, noise,
                             {{"sqrt_recip_alpha_bar", &sqrt_recip_alpha_bar},
                              {"sqrt_recipm1_alpha_bar", &sqrt_recipm1_alpha_bar},
@@ -173,10 +201,10 @@ at::Tensor ddpm_step_cpu(const at::Tensor& x_t, const at::Tensor& eps, const at:
                             clip);
 }
 
-at::Tensor ddim_step_cpu(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
-                         const at::Tensor& sqrt_recip_alpha_bar, const at::Tensor& sqrt_recipm1_alpha_bar,
-                         const at::Tensor& sqrt_alpha_bar_prev, const at::Tensor& coef_eps, const at::Tensor& sigma,
-                         bool clip) {
+at::Tensor ddim_step(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
+                     const at::Tensor& sqrt_recip_alpha_bar, const at::Tensor& sqrt_recipm1_alpha_bar,
+                     const at::Tensor& sqrt_alpha_bar_prev, const at::Tensor& coef_eps, const at::Tensor& sigma,
+                     bool clip) {
   return sampler_step<true>(x_t, eps, noise,
                             {{"sqrt_recip_alpha_bar", &sqrt_recip_alpha_bar},
                              {"sqrt_recipm1_alpha_bar", &sqrt_recipm1_alpha_bar},
@@ -198,9 +226,17 @@ TORCH_LIBRARY_FRAGMENT(dit_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(dit_kernels, CPU, m) {
-  m.impl("q_sample", &q_sample_cpu);
-  m.impl("ddpm_step", &ddpm_step_cpu);
-  m.impl("ddim_step", &ddim_step_cpu);
+  m.impl("q_sample", &q_sample);
+  m.impl("ddpm_step", &ddpm_step);
+  m.impl("ddim_step", &ddim_step);
 }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(dit_kernels, CUDA, m) {
+  m.impl("q_sample", &q_sample);
+  m.impl("ddpm_step", &ddpm_step);
+  m.impl("ddim_step", &ddim_step);
+}
+#endif
 
 }  // namespace dit_kernels

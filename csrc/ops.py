@@ -17,7 +17,7 @@ if os.environ.get("DIT_KERNELS_JIT") == "1":
     _cuda = torch.cuda.is_available()
     _x86 = os.uname().machine == "x86_64"  # the same flags as setup.py
     _flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + (
-        ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if _x86 else ["-DCPU_CAPABILITY=DEFAULT"])
+        ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if _x86 else ["-DCPU_CAPABILITY=DEFAULT"]) + (["-DWITH_CUDA"] if _cuda else [])
     load(name="dit_kernels_jit", is_python_module=False, verbose=False,
          sources=sorted(glob.glob(f"{_here}/*.cpp")) + (sorted(glob.glob(f"{_here}/cuda/*.cu")) if _cuda else []),
          extra_cflags=_flags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])

@@ -1,5 +1,6 @@
-// The three noise steps on CUDA, the twin of noise_steps.cpp: one thread per element, same formulas in
-// the same order. __fmul_rn / __fadd_rn are never contracted into fused multiply-adds, so fp32 results
+// The three noise steps on CUDA, the twin of the CPU loops in noise_steps.cpp, which also holds the ops
+// themselves (checks, contiguous copies) and calls the launchers at the end of this file for CUDA
+// tensors. One thread per element, same formulas in the same order. __fmul_rn / __fadd_rn are never contracted into fused multiply-adds, so fp32 results
 // equal PyTorch's eager reference bitwise, as on the CPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -7,14 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <initializer_list>
-#include <utility>
-
 namespace dit_kernels {
-
-using Named = std::pair<const char*, const at::Tensor*>;
-void check_images(std::initializer_list<Named> images);  // noise_steps.cpp
-void check_coefs(const at::Tensor& x, std::initializer_list<Named> coefs);
 
 constexpr int kThreads = 256;
 
@@ -65,49 +59,30 @@ __global__ void sampler_kernel(const scalar_t* x_t, const scalar_t* eps, const s
 
 static unsigned blocks(long numel) { return static_cast<unsigned>((numel + kThreads - 1) / kThreads); }
 
-at::Tensor q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& noise_in, const at::Tensor& coef_x0,
-                         const at::Tensor& coef_noise) {
-  check_images({{"x0", &x0_in}, {"noise", &noise_in}});
-  check_coefs(x0_in, {{"coef_x0", &coef_x0}, {"coef_noise", &coef_noise}});
-  TORCH_CHECK(x0_in.is_cuda(), "x0 must be a CUDA tensor here, got ", x0_in.device());
-  const c10::cuda::CUDAGuard guard(x0_in.device());
-  auto x0 = x0_in.contiguous(), noise = noise_in.contiguous();
-  auto c0 = coef_x0.contiguous(), c1 = coef_noise.contiguous();
-  auto out = at::empty_like(x0);
+// the launchers: out and the images are contiguous, on one CUDA device, non-empty
+
+void q_sample_cuda(at::Tensor& out, const at::Tensor& x0, const at::Tensor& noise, const at::Tensor (&coefs)[2]) {
+  const c10::cuda::CUDAGuard guard(x0.device());
   const long numel = x0.numel();
-  if (numel == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (x0.scalar_type() == at::kFloat)
     q_sample_kernel<float><<<blocks(numel), kThreads, 0, stream>>>(
-        x0.data_ptr<float>(), noise.data_ptr<float>(), c0.data_ptr<float>(), c1.data_ptr<float>(),
+        x0.data_ptr<float>(), noise.data_ptr<float>(), coefs[0].data_ptr<float>(), coefs[1].data_ptr<float>(),
         out.data_ptr<float>(), numel, numel / x0.size(0));
   else
     q_sample_kernel<at::BFloat16><<<blocks(numel), kThreads, 0, stream>>>(
-        x0.data_ptr<at::BFloat16>(), noise.data_ptr<at::BFloat16>(), c0.data_ptr<float>(), c1.data_ptr<float>(),
-        out.data_ptr<at::BFloat16>(), numel, numel / x0.size(0));
+        x0.data_ptr<at::BFloat16>(), noise.data_ptr<at::BFloat16>(), coefs[0].data_ptr<float>(),
+        coefs[1].data_ptr<float>(), out.data_ptr<at::BFloat16>(), numel, numel / x0.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 template <bool DDIM>
-static at::Tensor sampler_step(const at::Tensor& x_t_in, const at::Tensor& eps_in, const at::Tensor& noise_in,
-                               std::initializer_list<Named> coef_args, bool clip) {
-  check_images({{"x_t", &x_t_in}, {"eps", &eps_in}, {"noise", &noise_in}});
-  check_coefs(x_t_in, coef_args);
-  TORCH_CHECK(x_t_in.is_cuda(), "x_t must be a CUDA tensor here, got ", x_t_in.device());
-  const c10::cuda::CUDAGuard guard(x_t_in.device());
-  auto x_t = x_t_in.contiguous(), eps = eps_in.contiguous(), noise = noise_in.contiguous();
-  at::Tensor kept[5];  // contiguous copies stay alive until the kernel is queued
+void sampler_step_cuda(at::Tensor& out, const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
+                       const at::Tensor (&coefs_in)[5], bool clip) {
+  const c10::cuda::CUDAGuard guard(x_t.device());
   Coefs coefs;
-  int c = 0;
-  for (const auto& [name, t] : coef_args) {
-    kept[c] = t->contiguous();
-    coefs.c[c] = kept[c].data_ptr<float>();
-    ++c;
-  }
-  auto out = at::empty_like(x_t);
+  for (int c = 0; c < 5; ++c) coefs.c[c] = coefs_in[c].data_ptr<float>();
   const long numel = x_t.numel();
-  if (numel == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (x_t.scalar_type() == at::kFloat)
     sampler_kernel<float, DDIM><<<blocks(numel), kThreads, 0, stream>>>(
@@ -118,39 +93,11 @@ static at::Tensor sampler_step(const at::Tensor& x_t_in, const at::Tensor& eps_i
         x_t.data_ptr<at::BFloat16>(), eps.data_ptr<at::BFloat16>(), noise.data_ptr<at::BFloat16>(), coefs, clip,
         out.data_ptr<at::BFloat16>(), numel, numel / x_t.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
-at::Tensor ddpm_step_cuda(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
-                          const at::Tensor& sqrt_recip_alpha_bar, const at::Tensor& sqrt_recipm1_alpha_bar,
-                          const at::Tensor& mean_coef_x0, const at::Tensor& mean_coef_xt, const at::Tensor& sigma,
-                          bool clip) {
-  return sampler_step<false>(x_t, eps, noise,
-                             {{"sqrt_recip_alpha_bar", &sqrt_recip_alpha_bar},
-                              {"sqrt_recipm1_alpha_bar", &sqrt_recipm1_alpha_bar},
-                              {"mean_coef_x0", &mean_coef_x0},
-                              {"mean_coef_xt", &mean_coef_xt},
-                              {"sigma", &sigma}},
-                             clip);
-}
-
-at::Tensor ddim_step_cuda(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
-                          const at::Tensor& sqrt_recip_alpha_bar, const at::Tensor& sqrt_recipm1_alpha_bar,
-                          const at::Tensor& sqrt_alpha_bar_prev, const at::Tensor& coef_eps, const at::Tensor& sigma,
-                          bool clip) {
-  return sampler_step<true>(x_t, eps, noise,
-                            {{"sqrt_recip_alpha_bar", &sqrt_recip_alpha_bar},
-                             {"sqrt_recipm1_alpha_bar", &sqrt_recipm1_alpha_bar},
-                             {"sqrt_alpha_bar_prev", &sqrt_alpha_bar_prev},
-                             {"coef_eps", &coef_eps},
-                             {"sigma", &sigma}},
-                            clip);
-}
-
-TORCH_LIBRARY_IMPL(dit_kernels, CUDA, m) {
-  m.impl("q_sample", &q_sample_cuda);
-  m.impl("ddpm_step", &ddpm_step_cuda);
-  m.impl("ddim_step", &ddim_step_cuda);
-}
+template void sampler_step_cuda<false>(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor (&)[5], bool);
+template void sampler_step_cuda<true>(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor (&)[5], bool);
 
 }  // namespace dit_kernels

@@ -97,7 +97,12 @@ def load_config(args=(), path=None, base=None):
     instead of a file (a resumed run's own)."""
     args = list(args)
     if base is not None:
-        return check(apply_overrides(copy.deepcopy(base), args))
+        # keys added to config.yaml after base was saved take their defaults, so older checkpoints resume
+        with open(DEFAULT_CONFIG) as f:
+            cfg = yaml.safe_load(f)
+        for section, values in base.items():
+            cfg.setdefault(section, {}).update(copy.deepcopy(values))
+        return check(apply_overrides(cfg, args))
     if "--config" in args:
         i = args.index("--config")
         if i + 1 >= len(args):

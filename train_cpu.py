@@ -93,7 +93,7 @@ def parse_args(argv):
     parser.add_argument("--ema_rate", type=float)
     parser.add_argument("--microbatch", type=int, default=-1, help="-1: no micro-batching")
     parser.add_argument("--log_interval", type=int, default=10)
-    parser.add_argument("--save_interval", type=int, default=10000)
+    parser.add_argument("--save_interval", type=int, help="steps between checkpoints (training.save_interval)")
     parser.add_argument("--max_minutes", type=float)
     parser.add_argument("--resume", "--resume_checkpoint", dest="resume", help="checkpoint.pth of a run to continue")
     parser.add_argument("--run", help="run name: outputs/<run>/ (default: model-schedule-time)")
@@ -118,6 +118,7 @@ def build_config(args, overrides, base=None):
              "training.max_steps": args.max_steps, "model.unet_num_heads": args.num_heads,
              "model.dropout": args.dropout, "training.weight_decay": args.weight_decay,
              "training.ema_rate": args.ema_rate, "training.seed": args.seed, "training.max_minutes": args.max_minutes,
+             "training.save_interval": args.save_interval,
              "model.attention_resolutions": None if args.attention_resolutions is None
              else f"[{args.attention_resolutions}]"}
     given = [f"--{key}={value}" for key, value in flags.items() if value is not None]
@@ -125,9 +126,10 @@ def build_config(args, overrides, base=None):
     cfg = load_config(config_args, base=base)
     if cfg["model"]["image_size"] != 32:
         fail(f"image_size={cfg['model']['image_size']}: CIFAR-10 images are 32x32")
-    for name in ("log_interval", "save_interval"):
-        if getattr(args, name) < 1:
-            fail(f"--{name}={getattr(args, name)} must be at least 1")
+    if args.log_interval < 1:
+        fail(f"--log_interval={args.log_interval} must be at least 1")
+    if cfg["training"]["save_interval"] < 1:
+        fail(f"--save_interval={cfg['training']['save_interval']} must be at least 1")
     B, mb = cfg["training"]["batch_size"], args.microbatch
     if mb == 0 or mb < -1:
         fail(f"--microbatch={mb}: expected -1 (off) or a positive size")
@@ -274,7 +276,7 @@ def main(argv):
                                                            + QUARTERS] + [f"{row['images_per_s']:.1f} img/s"]))
                 log_window = new_window()
             out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
-            if step % args.save_interval == 0 or step >= max_steps or out_of_time or stop["requested"]:
+            if step % tc["save_interval"] == 0 or step >= max_steps or out_of_time or stop["requested"]:
                 if save_window["steps"]:
                     with open(metrics_path, "a", newline="") as f:
                         csv.writer(f).writerow([summary(save_window)[c] for c in columns])

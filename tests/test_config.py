@@ -164,6 +164,14 @@ def test_base_config_takes_overrides_without_being_changed():
     assert base["model"]["depth"] == defaults()["model"]["depth"]
 
 
+def test_base_config_saved_before_a_key_existed_gets_its_default():
+    old = load_config(["--training.batch_size=16"])
+    del old["training"]["save_interval"]  # as in a checkpoint written before the key was added
+    cfg = load_config(["--model.depth=2"], base=old)
+    assert cfg["training"]["save_interval"] == defaults()["training"]["save_interval"]
+    assert cfg["training"]["batch_size"] == 16 and "save_interval" not in old["training"]
+
+
 def test_a_script_exits_with_status_two_and_no_traceback():
     code = "import sys; from config import load_config; load_config(sys.argv[1:])"
     result = subprocess.run([sys.executable, "-c", code, "--model.num_kv_heads=3"], cwd=ROOT,

@@ -58,9 +58,9 @@ def save_class_grid(model, cfg, class_names, path, classes=None, per_class=10, g
     classes = list(range(len(class_names))) if classes is None else classes
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
     images = sample_images(model, cfg, labels, generator=generator, progress=progress, **options)
-    s = cfg["sampling"]
-    title = (f"{(options.get('sampler') or s['sampler']).upper()}-{options.get('steps') or s['steps']}, guidance "
-             f"{s['guidance_scale'] if options.get('guidance_scale') is None else options['guidance_scale']:g}")
+    chosen = {**cfg["sampling"], **{k: v for k, v in options.items() if v is not None}}
+    eta = f", eta {chosen['eta']:g}" if chosen["sampler"] == "ddim" and chosen["eta"] else ""
+    title = f"{chosen['sampler'].upper()}-{chosen['steps']}{eta}, guidance {chosen['guidance_scale']:g}"
     save_grid(to_uint8(images).cpu(), path, nrow=per_class, row_labels=[class_names[c] for c in classes], title=title)
     return images
 

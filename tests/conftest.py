@@ -18,3 +18,10 @@ def seeded():
 def synthetic_data(tmp_path):
     from data import write_synthetic_cifar
     return write_synthetic_cifar(str(tmp_path / "data"), num_train=40, num_test=20)
+
+
+def assert_same_checkpoint_weights(a, b):
+    """The model and EMA weights of two loaded checkpoints are bitwise equal."""
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)

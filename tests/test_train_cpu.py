@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from config import load_config
+from conftest import assert_same_checkpoint_weights
 from diffusion import Diffusion, get_beta_schedule
 from model import build_model
 from train_cpu import main, train_step
@@ -81,9 +82,7 @@ def test_resume_continues_exactly(tmp_path, synthetic_data):
     straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
     split = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)
     assert straight["step"] == split["step"] == 6
-    for key in ("model", "ema"):
-        for name, value in straight[key].items():
-            assert torch.equal(value, split[key][name]), (key, name)
+    assert_same_checkpoint_weights(straight, split)
     with open(tmp_path / "split" / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
 

@@ -114,6 +114,53 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path,
     assert torch.load(latest, weights_only=False)["step"] == stopped["step"] + 3
 
 
+def worker_pids(agent_pid, rank):
+    """PIDs of torchrun's worker processes with the given RANK (read from each child's environment)."""
+    children = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        if f"RANK={rank}".encode() in environ:
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+def test_torchrun_max_restarts_survives_a_killed_worker(tmp_path, synthetic_data):
+    # 40 images, 2 ranks, batch 4: 5 steps an epoch, a checkpoint every epoch
+    max_steps = 1500
+    args = options(tmp_path, synthetic_data, "--training.save_every=1", "--training.num_epochs=100000",
+                   f"--training.max_steps={max_steps}")
+    latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "--max-restarts=1", os.path.join(ROOT, "train_ddp.py"), *args, "--resume", "auto"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.2)
+    assert latest.exists(), "no checkpoint after the first epoch"
+    killed = worker_pids(agent.pid, rank=1)
+    assert len(killed) == 1, killed
+    os.kill(killed[0], signal.SIGKILL)  # no handler runs: the worker is simply gone, as on a lost machine
+    before_kill = torch.load(latest, weights_only=False)["step"]
+    assert before_kill < max_steps, "the run finished before a worker could be killed"
+    stdout, stderr = agent.communicate(timeout=600)
+    assert agent.returncode == 0, stderr[-3000:]
+    output = stdout + stderr
+    # the restarted group resumed from a checkpoint, not from step 0, and ran to the end
+    starts = [int(line.rsplit("step ", 1)[1].split(" ->")[0]) for line in output.splitlines()
+              if "process(es) on" in line]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0, starts
+    final = torch.load(latest, weights_only=False)
+    assert final["step"] == max_steps
+    assert len(final["rng_per_rank"]) == 2
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, synthetic_data):
     train(*options(tmp_path, synthetic_data, "--training.max_steps=2"))
     latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"

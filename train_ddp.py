@@ -33,7 +33,7 @@ from data import load_cifar10, plot_curves, random_batches
 from diffusion import Diffusion
 from model import build_model, model_summary, update_ema
 from sample import save_class_grid, save_timestep_grid
-from train_cpu import ema_rate_at, lr_at, train_step
+from train_cpu import ema_rate_at, lr_at, make_optimizer, train_step
 
 # -----------------------------------------------------------------------------
 # command line: --resume PATH|auto, the rest is configuration
@@ -63,7 +63,24 @@ if resumed is not None:
 
 distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 if distributed:
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one store for every restart of a job, so the addresses the ranks of a failed attempt
+        # published there are still in it, and a restarted rank that reads one connects to a dead process
+        # ("Connection refused"). A key prefix per attempt keeps the attempts apart. The restart count is
+        # only the same on every node of a one-node job: with several nodes and --max-restarts, export
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives each attempt a store of its own.
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+                os.environ.get("GROUP_WORLD_SIZE", "1") != "1" and int(os.environ["RANK"]) == 0:
+            print("warning: several nodes with --max-restarts share one store across restarts; export "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun so a restart cannot read stale addresses",
+                  file=sys.stderr)
+        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"train_ddp/attempt_{attempt}/", agent_store),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        dist.init_process_group(backend)
 rank = dist.get_rank() if distributed else 0
 world_size = dist.get_world_size() if distributed else 1
 local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -107,7 +124,7 @@ if steps_per_epoch == 0:
 torch.manual_seed(tc["seed"])
 model = build_model(cfg["model"]).to(device)
 ema = copy.deepcopy(model).requires_grad_(False).eval()
-optimizer = torch.optim.AdamW(model.parameters(), lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
+optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"])
 diffusion = Diffusion.from_config(cfg["diffusion"])
 step, elapsed, best_loss = 0, 0.0, float("inf")
 torch.manual_seed(tc["seed"] + 1000 * rank)

@@ -15,6 +15,7 @@ import diffusion
 import model
 from bench.common import cpu_name, matmul_gflops, race
 from csrc import ops
+from train_cpu import make_optimizer
 
 torch.manual_seed(0)
 
@@ -108,7 +109,7 @@ def training_step(net, optimizer, use_kernels):
 
 saved = model._C, diffusion._C
 net = model.DiT(conditioning="token")
-optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+optimizer = make_optimizer(net, lr=1e-4)
 with_ms, without_ms = race([lambda: training_step(net, optimizer, True), lambda: training_step(net, optimizer, False)],
                            repeats=3)
 model._C, diffusion._C = saved

@@ -20,7 +20,7 @@ from bench.common import cpu_name, matmul_gflops, race  # noqa: E402
 from config import load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from train_cpu import train_step  # noqa: E402
+from train_cpu import make_optimizer, train_step  # noqa: E402
 
 GLOBAL_BATCH = 32  # CPU: small enough for a few timed steps of the 19M-parameter DiT in a minute or two
 REPEATS = 3
@@ -29,7 +29,7 @@ REPEATS = 3
 def step_ms(model, batch, device, autocast_dtype=None, repeats=REPEATS):
     cfg = load_config([])
     diffusion = Diffusion.from_config(cfg["diffusion"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, lr=1e-4)
     x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return race([lambda: train_step(model, diffusion, optimizer, x, y, grad_clip=1.0, autocast_dtype=autocast_dtype)],

@@ -15,7 +15,7 @@ from bench.common import cpu_name, matmul_gflops, race  # noqa: E402
 from config import load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from train_cpu import train_step  # noqa: E402
+from train_cpu import make_optimizer, train_step  # noqa: E402
 
 SEED_UNET = ["--model.name=unet", "--model.num_channels=64", "--model.num_res_blocks=2"]
 DEFAULT_DIT = ["--model.name=dit"]
@@ -29,18 +29,19 @@ def forward_flops(model, size=32):
     return counter.get_total_flops()
 
 
-def our_step(cfg_args, batch, microbatch, dtype, repeats):
+def our_step(cfg_args, batch, microbatch, dtype):
+    """One train_cpu.train_step on random data, as a function to time, and the model's forward FLOPs."""
     cfg = load_config(cfg_args)
     model = build_model(cfg["model"])
     diffusion = Diffusion.from_config(cfg["diffusion"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, lr=1e-4)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    seconds = race([lambda: train_step(model, diffusion, optimizer, x, y, microbatch, 1.0, dtype)], repeats)[0] / 1e3
-    return seconds, forward_flops(model)
+    return lambda: train_step(model, diffusion, optimizer, x, y, microbatch, 1.0, dtype), forward_flops(model)
 
 
-def improved_diffusion_step(batch, microbatch, repeats):
-    """improved-diffusion's image_train.py step for the seed command: its UNet, its loss, AdamW."""
+def improved_diffusion_step(batch, microbatch):
+    """improved-diffusion's image_train.py step for the seed command (its UNet, its loss, AdamW), as a
+    function to time."""
     sys.path.insert(0, os.environ["IMPROVED_DIFFUSION_DIR"])
     from improved_diffusion.resample import UniformSampler
     from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -58,7 +59,7 @@ def improved_diffusion_step(batch, microbatch, repeats):
             t, weights = sampler.sample(len(part), "cpu")
             (diffusion.training_losses(model, part, t)["loss"] * weights).mean().backward()
         optimizer.step()
-    return race([step], repeats)[0] / 1e3
+    return step
 
 
 def main():
@@ -76,17 +77,18 @@ def main():
                     print(f"{name:<22}{batch:>6}{micro:>6}{'bf16':>6}  skipped: bf16 was over 3x slower than fp32 "
                           f"at batch 8 (no native bf16 on this CPU)")
                     continue
-                seconds, flops = our_step(cfg_args, batch, micro, dtype, 3 if dtype is None else 1)
+                step, flops = our_step(cfg_args, batch, micro, dtype)
+                seconds = race([step], 3 if dtype is None else 1)[0] / 1e3
                 rate = batch / seconds
                 achieved = 3 * flops * rate / 1e9  # backward costs about twice the forward
                 results[(name, batch, dtype)] = rate
                 print(f"{name:<22}{batch:>6}{micro:>6}{'bf16' if dtype else 'fp32':>6}{rate:>9.1f}{achieved:>9.0f}"
                       f"{achieved / ceiling:>15.0%}", flush=True)
     if os.environ.get("IMPROVED_DIFFUSION_DIR"):
-        seconds = improved_diffusion_step(8, 4, 3)
-        ours = results[("seed UNet (64 ch)", 8, None)]
-        print(f"{'improved-diffusion UNet':<22}{8:>6}{4:>6}{'fp32':>6}{8 / seconds:>9.1f}"
-              f"  -> ours / theirs = {ours * seconds / 8:.2f}x")
+        # the two steps take turns, repeat by repeat, so the ratio holds even if the machine's load changes
+        ours, theirs = race([our_step(SEED_UNET, 8, 4, None)[0], improved_diffusion_step(8, 4)], repeats=10)
+        print(f"seed command, side by side: ours {8e3 / ours:.1f} img/s, improved-diffusion {8e3 / theirs:.1f} img/s"
+              f" -> ours / theirs = {theirs / ours:.2f}x")
     else:
         print("(set IMPROVED_DIFFUSION_DIR to a checkout of openai/improved-diffusion to time its step beside ours)")
 

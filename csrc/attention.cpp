@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace dit_kernels {
@@ -105,6 +106,31 @@ static void pack_transposed(const scalar_t* src, long row_stride, long col_strid
     for (int c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<float>(src[r * row_stride + c * col_stride]);
 }
 
+// dst[r * cols + c] = src[r * ld + c] * scale, from a padded fp32 buffer to a contiguous output
+template <typename scalar_t>
+static void unpack(const float* src, long ld, int rows, int cols, float scale, scalar_t* dst) {
+  for (int r = 0; r < rows; ++r) {
+    const float* s = src + r * ld;
+    scalar_t* d = dst + static_cast<long>(r) * cols;
+    if constexpr (std::is_same_v<scalar_t, float>)  // at::vec: GCC left the plain loop scalar
+      at::vec::map([scale](Vec x) { return x * Vec(scale); }, d, s, cols);
+    else
+      for (int c = 0; c < cols; ++c) d[c] = static_cast<scalar_t>(s[c] * scale);
+  }
+}
+
+// sum_d a[d] * b[d * b_col]: a row of fp32 dO against a row of O read in place
+template <typename scalar_t>
+static float row_dot(const float* a, const scalar_t* b, long b_col, int D) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    if (b_col == 1)
+      return at::vec::map2_reduce_all<float>([](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, a,
+                                             b, D);
+  float sum = 0.0f;
+  for (int d = 0; d < D; ++d) sum += a[d] * static_cast<float>(b[d * b_col]);
+  return sum;
+}
+
 // query rows per block: the whole sequence when its scores fit in ~128 KB, else equal blocks that do
 static int query_block(int N) {
   const int max_rows = std::max(4, 32768 / round_up(N));
@@ -185,10 +211,7 @@ static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
           gemm(rows, Dp, N, s.data(), Np, 1, vb.data(), Dp, o.data(), Dp, false);  // unnormalised (rows, Dp)
           // normalise the output rather than the probabilities: D multiplies a row, not N
           scalar_t* out_rows = op + ((static_cast<long>(b) * H + h) * N + i0) * D;
-          for (int i = 0; i < rows; ++i) {
-            const float inv = 1.0f / row_sum[i];
-            for (int d = 0; d < D; ++d) out_rows[i * D + d] = static_cast<scalar_t>(o[i * Dp + d] * inv);
-          }
+          for (int i = 0; i < rows; ++i) unpack(o.data() + i * Dp, Dp, 1, D, 1.0f / row_sum[i], out_rows + i * D);
         }
       }
     }
@@ -224,9 +247,10 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
   const scalar_t *gp = grad_out.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
   const float* lp = lse.data_ptr<float>();  // contiguous
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
+  const bool g_in_place = std::is_same_v<scalar_t, float> && grad_out.stride(3) == 1 && D % kVec == 0;
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kt(D * Np), vt(D * Np), kb(N * Dp), dk_acc(N * Dp), dv_acc(N * Dp);
-    std::vector<float> qb(BQ * Dp), gb(BQ * Dp), ob(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_rows(BQ * Dp), delta(BQ);
+    std::vector<float> qb(BQ * Dp), gb(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_rows(BQ * Dp), delta(BQ);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / KV, kv = task % KV;
       const scalar_t* k_head = kp + b * k.stride(0) + kv * k.stride(1);
@@ -243,14 +267,20 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
           const long g_off = b * grad_out.stride(0) + h * grad_out.stride(1) + i0 * grad_out.stride(2);
           const long o_off = b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2);
           pack(qp + q_off, q.stride(2), q.stride(3), rows, D, scale, qb.data(), Dp);
-          pack(gp + g_off, grad_out.stride(2), grad_out.stride(3), rows, D, 1.0f, gb.data(), Dp);
-          pack(op + o_off, out.stride(2), out.stride(3), rows, D, 1.0f, ob.data(), Dp);
+          // dO is read in place when its rows are already what a packed copy would be: fp32, unit column
+          // stride, no padding needed
+          const float* g_rows = gb.data();
+          long g_ld = Dp;
+          if (g_in_place) {
+            g_rows = reinterpret_cast<const float*>(gp + g_off);
+            g_ld = grad_out.stride(2);
+          } else {
+            pack(gp + g_off, grad_out.stride(2), grad_out.stride(3), rows, D, 1.0f, gb.data(), Dp);
+          }
           for (int i = 0; i < rows; ++i)  // delta_i = sum_d dO_id O_id
-            delta[i] = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
-                                                       [](Vec a, Vec b) { return a + b; }, gb.data() + i * Dp,
-                                                       ob.data() + i * Dp, D);
+            delta[i] = row_dot(g_rows + i * g_ld, op + o_off + i * out.stride(2), out.stride(3), D);
           gemm(rows, Np, D, qb.data(), Dp, 1, kt.data(), Np, p.data(), Np, false);  // scores
-          gemm(rows, Np, D, gb.data(), Dp, 1, vt.data(), Np, ds.data(), Np, false);  // dP
+          gemm(rows, Np, D, g_rows, g_ld, 1, vt.data(), Np, ds.data(), Np, false);  // dP
           const float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
           for (int i = 0; i < rows; ++i) {
             float *pi = p.data() + i * Np, *dsi = ds.data() + i * Np;
@@ -259,22 +289,17 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
             at::vec::map2([di](Vec pij, Vec dpij) { return pij * (dpij - Vec(di)); }, dsi, pi, dsi, N);
           }
           // P^T and dS^T are read in place through swapped strides
-          gemm(N, Dp, rows, p.data(), 1, Np, gb.data(), Dp, dv_acc.data(), Dp, true);
+          gemm(N, Dp, rows, p.data(), 1, Np, g_rows, g_ld, dv_acc.data(), Dp, true);
           gemm(N, Dp, rows, ds.data(), 1, Np, qb.data(), Dp, dk_acc.data(), Dp, true);
           gemm(rows, Dp, N, ds.data(), Np, 1, kb.data(), Dp, dq_rows.data(), Dp, false);
           scalar_t* dq_out = dqp + ((static_cast<long>(b) * H + h) * N + i0) * D;
-          const float dq_scale = scale;  // a local, not the captured reference a store could alias: vectorises
-          for (int i = 0; i < rows; ++i)
-            for (int d = 0; d < D; ++d) dq_out[i * D + d] = static_cast<scalar_t>(dq_rows[i * Dp + d] * dq_scale);
+          unpack(dq_rows.data(), Dp, rows, D, scale, dq_out);
         }
       }
       scalar_t* dk_out = dkp + (static_cast<long>(b) * KV + kv) * N * D;
       scalar_t* dv_out = dvp + (static_cast<long>(b) * KV + kv) * N * D;
-      for (int j = 0; j < N; ++j)
-        for (int d = 0; d < D; ++d) {
-          dk_out[j * D + d] = static_cast<scalar_t>(dk_acc[j * Dp + d]);
-          dv_out[j * D + d] = static_cast<scalar_t>(dv_acc[j * Dp + d]);
-        }
+      unpack(dk_acc.data(), Dp, N, D, 1.0f, dk_out);
+      unpack(dv_acc.data(), Dp, N, D, 1.0f, dv_out);
     }
   });
 }

@@ -41,7 +41,9 @@ def kernel_with_grads(q, k, v, grad_out):
 # -----------------------------------------------------------------------------
 # attention values and gradients
 
-shapes = list(itertools.product([1, 17, 65, 257], [16, 48, 64, 80, 128], [(8, 2), (8, 8), (8, 1), (6, 3), (4, 4)]))
+# head sizes off the 8-float vector width (20, 33) take the padded paths of the CPU kernel
+shapes = list(itertools.product([1, 17, 65, 257], [16, 20, 33, 48, 64, 80, 128],
+                                [(8, 2), (8, 8), (8, 1), (6, 3), (4, 4)]))
 
 
 @pytest.mark.parametrize("device", devices)
@@ -79,6 +81,23 @@ def test_attention_accepts_non_contiguous_inputs(device):
     torch.testing.assert_close(ops.attention(q, k, v), model.attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
     strided = [t[:, :, ::2] for t in qkv(B, H, KV, 2 * N, D, device=device)]  # every other token
     torch.testing.assert_close(ops.attention(*strided), model.attention_reference(*strided), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("D", [20, 48])
+def test_attention_gradients_with_non_contiguous_inputs_and_grad_out(device, D):
+    # as in the DiT: q, k, v are views into one projection, and the gradient arrives through a transpose
+    B, H, KV, N = 2, 8, 2, 33
+    qkv_flat = torch.randn(B, N, (H + 2 * KV) * D, device=device, requires_grad=True)
+    q, k, v = qkv_flat.split([H * D, KV * D, KV * D], dim=-1)
+    q, k, v = (t.view(B, N, -1, D).transpose(1, 2) for t in (q, k, v))
+    grad_out = torch.randn(B, N, H, D, device=device).transpose(1, 2)
+    assert not grad_out.is_contiguous() and not q.is_contiguous()
+    for got, want in zip(kernel_with_grads(q, k, v, grad_out), reference_with_grads(q, k, v, grad_out)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    strided_grad = torch.randn(B, H, N, 2 * D, device=device)[..., ::2]  # a column stride of 2
+    for got, want in zip(kernel_with_grads(q, k, v, strided_grad), reference_with_grads(q, k, v, strided_grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_gradient_matches_finite_differences():

@@ -131,7 +131,9 @@ def worker_pids(agent_pid, rank):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
-def test_torchrun_max_restarts_survives_a_killed_worker(tmp_path, synthetic_data):
+# torchrun's shared store (the default), and a store per attempt (what the README says for several nodes)
+@pytest.mark.parametrize("disable_shared_store", ["0", "1"])
+def test_torchrun_max_restarts_survives_a_killed_worker(tmp_path, synthetic_data, disable_shared_store):
     # 40 images, 2 ranks, batch 4: 5 steps an epoch, a checkpoint every epoch
     max_steps = 1500
     args = options(tmp_path, synthetic_data, "--training.save_every=1", "--training.num_epochs=100000",
@@ -139,7 +141,8 @@ def test_torchrun_max_restarts_survives_a_killed_worker(tmp_path, synthetic_data
     latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "--max-restarts=1", os.path.join(ROOT, "train_ddp.py"), *args, "--resume", "auto"],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(ENV, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=disable_shared_store))
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline and agent.poll() is None:
         time.sleep(0.2)

@@ -1,7 +1,10 @@
 # Every target works on a fresh clone: it sets up .venv first. Pass options through, e.g.
 #   make train ARGS="--training.batch_size=64"      make sample CHECKPOINT=model/best_model.pth
+# With PyTorch already installed (a cluster's or a container's environment), name that interpreter and
+# no .venv is made: make test PY=python3
 PYTHON ?= python3
-PY := .venv/bin/python
+VENV_PY := .venv/bin/python
+PY ?= $(VENV_PY)
 ARGS ?=
 CONFIG ?= configs/cpu_2h.yaml
 CHECKPOINT ?= model/best_model.pth
@@ -15,18 +18,18 @@ NPROC ?= $(if $(filter-out 0,$(NUM_GPUS)),$(NUM_GPUS),1)
 
 .PHONY: setup test train sample eval kernels kernels-cuda bench clean
 
-setup: .venv/.installed
+setup: $(if $(filter $(VENV_PY),$(PY)),.venv/.installed)
 
 .venv/.installed: requirements.txt
 	$(PYTHON) -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(VENV_PY) -m pip install -q --upgrade pip
+	$(VENV_PY) -m pip install -q -r requirements.txt
 	touch $@
 
 # the main job: torchrun on every GPU there is, else the CPU recipe
 train: setup
 ifneq ($(filter-out 0,$(NUM_GPUS)),)
-	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) train_ddp.py $(ARGS)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) train_ddp.py $(ARGS)
 else
 	$(PY) train_cpu.py --config $(CONFIG) $(ARGS)
 endif

@@ -131,6 +131,24 @@ static float row_dot(const float* a, const scalar_t* b, long b_col, int D) {
   return sum;
 }
 
+// x[j] = exp(x[j] - m) for j < n, returning their sum, in one pass; the padding up to the next multiple
+// of the vector width is set to zero
+static float exp_and_sum(float* x, float m, int n) {
+  Vec sum(0.0f);
+  int j = 0;
+  for (; j + kVec <= n; j += kVec) {
+    const Vec e = (Vec::loadu(x + j) - Vec(m)).exp_u20();
+    e.store(x + j);
+    sum = sum + e;
+  }
+  if (j < n) {
+    const Vec e = Vec::set(Vec(0.0f), (Vec::loadu(x + j, n - j) - Vec(m)).exp_u20(), n - j);
+    e.store(x + j);
+    sum = sum + e;
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
+}
+
 // query rows per block: the whole sequence when its scores fit in ~128 KB, else equal blocks that do
 static int query_block(int N) {
   const int max_rows = std::max(4, 32768 / round_up(N));
@@ -204,8 +222,7 @@ static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
           for (int i = 0; i < rows; ++i) {
             float* si = s.data() + i * Np;
             const float m = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, si, N);
-            at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, si, si, N);
-            row_sum[i] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, si, N);
+            row_sum[i] = exp_and_sum(si, m, N);
             row_lse[i] = m + std::log(row_sum[i]);
           }
           gemm(rows, Dp, N, s.data(), Np, 1, vb.data(), Dp, o.data(), Dp, false);  // unnormalised (rows, Dp)

@@ -299,11 +299,16 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
           gemm(rows, Np, D, qb.data(), Dp, 1, kt.data(), Np, p.data(), Np, false);  // scores
           gemm(rows, Np, D, g_rows, g_ld, 1, vt.data(), Np, ds.data(), Np, false);  // dP
           const float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
+          // P and dS in one pass of whole vectors, padding columns included: whatever those hold, no product
+          // below reads them (they lie past N), so the row's edge needs no masked loads or stores
           for (int i = 0; i < rows; ++i) {
             float *pi = p.data() + i * Np, *dsi = ds.data() + i * Np;
-            const float m = row_lse[i], di = delta[i];
-            at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, pi, pi, N);
-            at::vec::map2([di](Vec pij, Vec dpij) { return pij * (dpij - Vec(di)); }, dsi, pi, dsi, N);
+            const Vec m(row_lse[i]), di(delta[i]);
+            for (int j = 0; j < Np; j += kVec) {
+              const Vec pij = (Vec::loadu(pi + j) - m).exp_u20();
+              pij.store(pi + j);
+              (pij * (Vec::loadu(dsi + j) - di)).store(dsi + j);
+            }
           }
           // P^T and dS^T are read in place through swapped strides
           gemm(N, Dp, rows, p.data(), 1, Np, g_rows, g_ld, dv_acc.data(), Dp, true);

@@ -83,18 +83,17 @@ static void gemm(int M, int NC, int K, const float* A, long a_row, long a_col, c
   }
 }
 
-// dst[r * ld + c] = src(r, c) * scale for r < rows, c < cols, from any strides, into fp32; dst's padding
-// columns (cols .. ld) are left as they are (zero from allocation)
+// dst[r * ld + c] = src(r, c) for r < rows, c < cols, from any strides, into fp32; dst's padding columns
+// (cols .. ld) are left as they are (zero from allocation)
 template <typename scalar_t>
-static void pack(const scalar_t* src, long row_stride, long col_stride, int rows, int cols, float scale, float* dst,
-                 long ld) {
+static void pack(const scalar_t* src, long row_stride, long col_stride, int rows, int cols, float* dst, long ld) {
   for (int r = 0; r < rows; ++r) {
     const scalar_t* s = src + r * row_stride;
     float* d = dst + r * ld;
     if (col_stride == 1)  // the usual case, which the compiler vectorises
-      for (int c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]) * scale;
+      for (int c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]);
     else
-      for (int c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c * col_stride]) * scale;
+      for (int c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c * col_stride]);
   }
 }
 
@@ -131,22 +130,37 @@ static float row_dot(const float* a, const scalar_t* b, long b_col, int D) {
   return sum;
 }
 
-// x[j] = exp(x[j] - m) for j < n, returning their sum, in one pass; the padding up to the next multiple
-// of the vector width is set to zero
-static float exp_and_sum(float* x, float m, int n) {
+// x[j] = exp((x[j] - m) * scale) for j < n, returning their sum, in one pass; the padding up to the next
+// multiple of the vector width is set to zero
+static float exp_and_sum(float* x, float m, float scale, int n) {
   Vec sum(0.0f);
   int j = 0;
   for (; j + kVec <= n; j += kVec) {
-    const Vec e = (Vec::loadu(x + j) - Vec(m)).exp_u20();
+    const Vec e = ((Vec::loadu(x + j) - Vec(m)) * Vec(scale)).exp_u20();
     e.store(x + j);
     sum = sum + e;
   }
   if (j < n) {
-    const Vec e = Vec::set(Vec(0.0f), (Vec::loadu(x + j, n - j) - Vec(m)).exp_u20(), n - j);
+    const Vec e = Vec::set(Vec(0.0f), ((Vec::loadu(x + j, n - j) - Vec(m)) * Vec(scale)).exp_u20(), n - j);
     e.store(x + j);
     sum = sum + e;
   }
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
+}
+
+// `rows` rows of D values from src as fp32 rows `ld` floats apart: src itself when it already is that (fp32,
+// unit column stride, D a whole number of vectors, so no padding is needed), else a copy packed into buf
+template <typename scalar_t>
+static const float* fp32_rows(const scalar_t* src, long row_stride, long col_stride, int rows, int D, float* buf,
+                              long buf_ld, long& ld) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    if (col_stride == 1 && D % kVec == 0) {
+      ld = row_stride;
+      return src;
+    }
+  pack(src, row_stride, col_stride, rows, D, buf, buf_ld);
+  ld = buf_ld;
+  return buf;
 }
 
 // query rows per block: the whole sequence when its scores fit in ~128 KB, else equal blocks that do
@@ -210,20 +224,21 @@ static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / KV, kv = task % KV;
       pack_transposed(kp + b * k.stride(0) + kv * k.stride(1), k.stride(2), k.stride(3), N, D, kt.data(), Np);
-      pack(vp + b * v.stride(0) + kv * v.stride(1), v.stride(2), v.stride(3), N, D, 1.0f, vb.data(), Dp);
+      pack(vp + b * v.stride(0) + kv * v.stride(1), v.stride(2), v.stride(3), N, D, vb.data(), Dp);
       for (int h = kv * G; h < (kv + 1) * G; ++h) {
         for (int i0 = 0; i0 < N; i0 += BQ) {
           const int rows = std::min(BQ, N - i0);
-          // scale q first, as attention_reference does
-          pack(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), q.stride(3), rows, D, scale,
-               qb.data(), Dp);
-          gemm(rows, Np, D, qb.data(), Dp, 1, kt.data(), Np, s.data(), Np, false);  // scores (rows, Np)
+          long q_ld;
+          const float* q_rows = fp32_rows(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2),
+                                          q.stride(3), rows, D, qb.data(), Dp, q_ld);
+          // Q K^T unscaled: the softmax scales it, so q is read in place rather than copied to be scaled
+          gemm(rows, Np, D, q_rows, q_ld, 1, kt.data(), Np, s.data(), Np, false);
           float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
           for (int i = 0; i < rows; ++i) {
             float* si = s.data() + i * Np;
             const float m = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, si, N);
-            row_sum[i] = exp_and_sum(si, m, N);
-            row_lse[i] = m + std::log(row_sum[i]);
+            row_sum[i] = exp_and_sum(si, m, scale, N);
+            row_lse[i] = m * scale + std::log(row_sum[i]);
           }
           gemm(rows, Dp, N, s.data(), Np, 1, vb.data(), Dp, o.data(), Dp, false);  // unnormalised (rows, Dp)
           // normalise the output rather than the probabilities: D multiplies a row, not N
@@ -250,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
 }
 
 // -----------------------------------------------------------------------------
-// backward: with P = softmax(S) recomputed as exp(S - lse) and Delta_i = sum_d dO_id O_id,
-// dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), dQ = dS K * scale, dK = dS^T (Q * scale)
+// backward: with P = softmax(S) recomputed as exp(scale * Q K^T - lse) and Delta_i = sum_d dO_id O_id,
+// dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), dQ = dS K * scale, dK = dS^T Q * scale
 
 template <typename scalar_t>
 static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -264,7 +279,6 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
   const scalar_t *gp = grad_out.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
   const float* lp = lse.data_ptr<float>();  // contiguous
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
-  const bool g_in_place = std::is_same_v<scalar_t, float> && grad_out.stride(3) == 1 && D % kVec == 0;
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kt(D * Np), vt(D * Np), kb(N * Dp), dk_acc(N * Dp), dv_acc(N * Dp);
     std::vector<float> qb(BQ * Dp), gb(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_rows(BQ * Dp), delta(BQ);
@@ -274,7 +288,7 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
       const scalar_t* v_head = vp + b * v.stride(0) + kv * v.stride(1);
       pack_transposed(k_head, k.stride(2), k.stride(3), N, D, kt.data(), Np);
       pack_transposed(v_head, v.stride(2), v.stride(3), N, D, vt.data(), Np);
-      pack(k_head, k.stride(2), k.stride(3), N, D, 1.0f, kb.data(), Dp);
+      pack(k_head, k.stride(2), k.stride(3), N, D, kb.data(), Dp);
       std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
       for (int h = kv * G; h < (kv + 1) * G; ++h) {
@@ -283,36 +297,30 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
           const long q_off = b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
           const long g_off = b * grad_out.stride(0) + h * grad_out.stride(1) + i0 * grad_out.stride(2);
           const long o_off = b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2);
-          pack(qp + q_off, q.stride(2), q.stride(3), rows, D, scale, qb.data(), Dp);
-          // dO is read in place when its rows are already what a packed copy would be: fp32, unit column
-          // stride, no padding needed
-          const float* g_rows = gb.data();
-          long g_ld = Dp;
-          if (g_in_place) {
-            g_rows = reinterpret_cast<const float*>(gp + g_off);
-            g_ld = grad_out.stride(2);
-          } else {
-            pack(gp + g_off, grad_out.stride(2), grad_out.stride(3), rows, D, 1.0f, gb.data(), Dp);
-          }
+          // q unscaled, as in the forward: the scale goes into P's exponent and dK's write-out
+          long q_ld, g_ld;
+          const float* q_rows = fp32_rows(qp + q_off, q.stride(2), q.stride(3), rows, D, qb.data(), Dp, q_ld);
+          const float* g_rows = fp32_rows(gp + g_off, grad_out.stride(2), grad_out.stride(3), rows, D, gb.data(), Dp,
+                                          g_ld);
           for (int i = 0; i < rows; ++i)  // delta_i = sum_d dO_id O_id
             delta[i] = row_dot(g_rows + i * g_ld, op + o_off + i * out.stride(2), out.stride(3), D);
-          gemm(rows, Np, D, qb.data(), Dp, 1, kt.data(), Np, p.data(), Np, false);  // scores
+          gemm(rows, Np, D, q_rows, q_ld, 1, kt.data(), Np, p.data(), Np, false);  // unscaled scores
           gemm(rows, Np, D, g_rows, g_ld, 1, vt.data(), Np, ds.data(), Np, false);  // dP
           const float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
           // P and dS in one pass of whole vectors, padding columns included: whatever those hold, no product
           // below reads them (they lie past N), so the row's edge needs no masked loads or stores
           for (int i = 0; i < rows; ++i) {
             float *pi = p.data() + i * Np, *dsi = ds.data() + i * Np;
-            const Vec m(row_lse[i]), di(delta[i]);
+            const Vec m(-row_lse[i]), di(delta[i]), scale_v(scale);
             for (int j = 0; j < Np; j += kVec) {
-              const Vec pij = (Vec::loadu(pi + j) - m).exp_u20();
+              const Vec pij = at::vec::fmadd(Vec::loadu(pi + j), scale_v, m).exp_u20();
               pij.store(pi + j);
               (pij * (Vec::loadu(dsi + j) - di)).store(dsi + j);
             }
           }
           // P^T and dS^T are read in place through swapped strides
           gemm(N, Dp, rows, p.data(), 1, Np, g_rows, g_ld, dv_acc.data(), Dp, true);
-          gemm(N, Dp, rows, ds.data(), 1, Np, qb.data(), Dp, dk_acc.data(), Dp, true);
+          gemm(N, Dp, rows, ds.data(), 1, Np, q_rows, q_ld, dk_acc.data(), Dp, true);  // dK / scale
           gemm(rows, Dp, N, ds.data(), Np, 1, kb.data(), Dp, dq_rows.data(), Dp, false);
           scalar_t* dq_out = dqp + ((static_cast<long>(b) * H + h) * N + i0) * D;
           unpack(dq_rows.data(), Dp, rows, D, scale, dq_out);
@@ -320,7 +328,7 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
       }
       scalar_t* dk_out = dkp + (static_cast<long>(b) * KV + kv) * N * D;
       scalar_t* dv_out = dvp + (static_cast<long>(b) * KV + kv) * N * D;
-      unpack(dk_acc.data(), Dp, N, D, 1.0f, dk_out);
+      unpack(dk_acc.data(), Dp, N, D, scale, dk_out);
       unpack(dv_acc.data(), Dp, N, D, 1.0f, dv_out);
     }
   });

@@ -83,6 +83,31 @@ static void gemm(int M, int NC, int K, const float* A, long a_row, long a_col, c
   }
 }
 
+// C (M, round_up(NC)) = A (M, K) @ B^T, B (NC, K): the products Q K^T and dO V^T, whose NC is the sequence
+// length. Whole blocks of 8 columns go through gemm() on Bt, B transposed and padded; a remainder of one to
+// three columns (N = 65 = 8 * 8 + 1 in the default DiT) is cheaper as dot products of A's rows with B's rows
+// than as an 8-wide tile, whose six accumulators cannot hide the FMA latency. The dot products read A's and
+// B's rows up to round_up(K), so both must be zero there; C's padding columns come out zero either way.
+static void gemm_nt(int M, int NC, int K, const float* A, long lda, const float* Bt, long ldbt, const float* B,
+                    long ldb, float* C, long ldc) {
+  const int r = NC % kVec, whole = NC - r;
+  if (r == 0 || r > 3) {
+    gemm(M, round_up(NC), K, A, lda, 1, Bt, ldbt, C, ldc, false);
+    return;
+  }
+  if (whole > 0) gemm(M, whole, K, A, lda, 1, Bt, ldbt, C, ldc, false);
+  for (int i = 0; i < M; ++i) {
+    alignas(32) float tail[kVec] = {};
+    for (int c = 0; c < r; ++c) {
+      const float *a = A + i * lda, *b = B + (whole + c) * ldb;
+      Vec acc = Vec::loadu(a) * Vec::loadu(b);
+      for (int d = kVec; d < round_up(K); d += kVec) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
+      tail[c] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+    }
+    Vec::loadu(tail).store(C + i * ldc + whole);
+  }
+}
+
 // dst[r * ld + c] = src(r, c) for r < rows, c < cols, from any strides, into fp32; dst's padding columns
 // (cols .. ld) are left as they are (zero from allocation)
 template <typename scalar_t>
@@ -163,6 +188,20 @@ static const float* fp32_rows(const scalar_t* src, long row_stride, long col_str
   return buf;
 }
 
+// where a product bound for the output dst (rows of D values, contiguous) is written: dst itself when fp32 and
+// D needs no padding, so the result is stored once, from the product's registers, rather than stored to a
+// buffer and copied; else buf, rows round_up(D) apart, for unpack() to convert
+template <typename scalar_t>
+static float* fp32_out(scalar_t* dst, int D, float* buf, long& ld) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    if (D % kVec == 0) {
+      ld = D;
+      return dst;
+    }
+  ld = round_up(D);
+  return buf;
+}
+
 // query rows per block: the whole sequence when its scores fit in ~128 KB, else equal blocks that do
 static int query_block(int N) {
   const int max_rows = std::max(4, 32768 / round_up(N));
@@ -220,10 +259,14 @@ static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
   scalar_t* op = out.data_ptr<scalar_t>();  // contiguous, allocated by us
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * Np), vb(N * Dp), qb(BQ * Dp), s(BQ * Np), o(BQ * Dp), row_sum(BQ);  // zero padding
+    std::vector<float> kt(D * Np), kb(N * Dp), vb(N * Dp), qb(BQ * Dp), s(BQ * Np), o(BQ * Dp);  // zero padding
+    std::vector<float> row_max(BQ), row_sum(BQ);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / KV, kv = task % KV;
-      pack_transposed(kp + b * k.stride(0) + kv * k.stride(1), k.stride(2), k.stride(3), N, D, kt.data(), Np);
+      const scalar_t* k_head = kp + b * k.stride(0) + kv * k.stride(1);
+      pack_transposed(k_head, k.stride(2), k.stride(3), N, D, kt.data(), Np);
+      long k_ld;
+      const float* k_rows = fp32_rows(k_head, k.stride(2), k.stride(3), N, D, kb.data(), Dp, k_ld);
       pack(vp + b * v.stride(0) + kv * v.stride(1), v.stride(2), v.stride(3), N, D, vb.data(), Dp);
       for (int h = kv * G; h < (kv + 1) * G; ++h) {
         for (int i0 = 0; i0 < N; i0 += BQ) {
@@ -232,18 +275,20 @@ static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
           const float* q_rows = fp32_rows(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2),
                                           q.stride(3), rows, D, qb.data(), Dp, q_ld);
           // Q K^T unscaled: the softmax scales it, so q is read in place rather than copied to be scaled
-          gemm(rows, Np, D, q_rows, q_ld, 1, kt.data(), Np, s.data(), Np, false);
-          float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
+          gemm_nt(rows, N, D, q_rows, q_ld, kt.data(), Np, k_rows, k_ld, s.data(), Np);
           for (int i = 0; i < rows; ++i) {
             float* si = s.data() + i * Np;
-            const float m = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, si, N);
-            row_sum[i] = exp_and_sum(si, m, scale, N);
-            row_lse[i] = m * scale + std::log(row_sum[i]);
+            row_max[i] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, si, N);
+            row_sum[i] = exp_and_sum(si, row_max[i], scale, N);
           }
-          gemm(rows, Dp, N, s.data(), Np, 1, vb.data(), Dp, o.data(), Dp, false);  // unnormalised (rows, Dp)
-          // normalise the output rather than the probabilities: D multiplies a row, not N
+          at::vec::map2([scale](Vec m, Vec sum) { return m * Vec(scale) + sum.log(); },
+                        lp + (static_cast<long>(b) * H + h) * N + i0, row_max.data(), row_sum.data(), rows);
           scalar_t* out_rows = op + ((static_cast<long>(b) * H + h) * N + i0) * D;
-          for (int i = 0; i < rows; ++i) unpack(o.data() + i * Dp, Dp, 1, D, 1.0f / row_sum[i], out_rows + i * D);
+          long o_ld;
+          float* o_rows = fp32_out(out_rows, D, o.data(), o_ld);
+          gemm(rows, Dp, N, s.data(), Np, 1, vb.data(), Dp, o_rows, o_ld, false);  // unnormalised
+          // normalise the output rather than the probabilities: D multiplies a row, not N (in place for fp32)
+          for (int i = 0; i < rows; ++i) unpack(o_rows + i * o_ld, o_ld, 1, D, 1.0f / row_sum[i], out_rows + i * D);
         }
       }
     }
@@ -280,34 +325,39 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
   const float* lp = lse.data_ptr<float>();  // contiguous
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * Np), vt(D * Np), kb(N * Dp), dk_acc(N * Dp), dv_acc(N * Dp);
-    std::vector<float> qb(BQ * Dp), gb(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_rows(BQ * Dp), delta(BQ);
+    std::vector<float> kt(D * Np), vt(D * Np), kb(N * Dp), vb(N * Dp), dk_acc(N * Dp), dv_acc(N * Dp);
+    std::vector<float> qb(BQ * Dp), gb(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_buf(BQ * Dp), delta(BQ);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / KV, kv = task % KV;
       const scalar_t* k_head = kp + b * k.stride(0) + kv * k.stride(1);
       const scalar_t* v_head = vp + b * v.stride(0) + kv * v.stride(1);
       pack_transposed(k_head, k.stride(2), k.stride(3), N, D, kt.data(), Np);
       pack_transposed(v_head, v.stride(2), v.stride(3), N, D, vt.data(), Np);
-      pack(k_head, k.stride(2), k.stride(3), N, D, kb.data(), Dp);
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+      long k_ld, v_ld, dk_ld, dv_ld;
+      const float* k_rows = fp32_rows(k_head, k.stride(2), k.stride(3), N, D, kb.data(), Dp, k_ld);
+      const float* v_rows = fp32_rows(v_head, v.stride(2), v.stride(3), N, D, vb.data(), Dp, v_ld);
+      scalar_t* dk_out = dkp + (static_cast<long>(b) * KV + kv) * N * D;
+      scalar_t* dv_out = dvp + (static_cast<long>(b) * KV + kv) * N * D;
+      float* dk_rows = fp32_out(dk_out, D, dk_acc.data(), dk_ld);  // summed over the group's query heads
+      float* dv_rows = fp32_out(dv_out, D, dv_acc.data(), dv_ld);
       for (int h = kv * G; h < (kv + 1) * G; ++h) {
         for (int i0 = 0; i0 < N; i0 += BQ) {
           const int rows = std::min(BQ, N - i0);
+          const bool first = h == kv * G && i0 == 0;  // dK and dV start from this block's products
           const long q_off = b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
           const long g_off = b * grad_out.stride(0) + h * grad_out.stride(1) + i0 * grad_out.stride(2);
           const long o_off = b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2);
-          // q unscaled, as in the forward: the scale goes into P's exponent and dK's write-out
+          // q unscaled, as in the forward: the scale goes into P's exponent and into dS
           long q_ld, g_ld;
           const float* q_rows = fp32_rows(qp + q_off, q.stride(2), q.stride(3), rows, D, qb.data(), Dp, q_ld);
           const float* g_rows = fp32_rows(gp + g_off, grad_out.stride(2), grad_out.stride(3), rows, D, gb.data(), Dp,
                                           g_ld);
           for (int i = 0; i < rows; ++i)  // delta_i = sum_d dO_id O_id
             delta[i] = row_dot(g_rows + i * g_ld, op + o_off + i * out.stride(2), out.stride(3), D);
-          gemm(rows, Np, D, q_rows, q_ld, 1, kt.data(), Np, p.data(), Np, false);  // unscaled scores
-          gemm(rows, Np, D, g_rows, g_ld, 1, vt.data(), Np, ds.data(), Np, false);  // dP
+          gemm_nt(rows, N, D, q_rows, q_ld, kt.data(), Np, k_rows, k_ld, p.data(), Np);  // unscaled scores
+          gemm_nt(rows, N, D, g_rows, g_ld, vt.data(), Np, v_rows, v_ld, ds.data(), Np);  // dP
           const float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
-          // P and dS in one pass of whole vectors, padding columns included: whatever those hold, no product
+          // P and dS (times the scale, which dQ and dK both carry) in one pass of whole vectors, padding columns included: whatever those hold, no product
           // below reads them (they lie past N), so the row's edge needs no masked loads or stores
           for (int i = 0; i < rows; ++i) {
             float *pi = p.data() + i * Np, *dsi = ds.data() + i * Np;
@@ -315,21 +365,21 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
             for (int j = 0; j < Np; j += kVec) {
               const Vec pij = at::vec::fmadd(Vec::loadu(pi + j), scale_v, m).exp_u20();
               pij.store(pi + j);
-              (pij * (Vec::loadu(dsi + j) - di)).store(dsi + j);
+              (pij * (Vec::loadu(dsi + j) - di) * scale_v).store(dsi + j);
             }
           }
           // P^T and dS^T are read in place through swapped strides
-          gemm(N, Dp, rows, p.data(), 1, Np, g_rows, g_ld, dv_acc.data(), Dp, true);
-          gemm(N, Dp, rows, ds.data(), 1, Np, q_rows, q_ld, dk_acc.data(), Dp, true);  // dK / scale
-          gemm(rows, Dp, N, ds.data(), Np, 1, kb.data(), Dp, dq_rows.data(), Dp, false);
+          gemm(N, Dp, rows, p.data(), 1, Np, g_rows, g_ld, dv_rows, dv_ld, !first);
+          gemm(N, Dp, rows, ds.data(), 1, Np, q_rows, q_ld, dk_rows, dk_ld, !first);
           scalar_t* dq_out = dqp + ((static_cast<long>(b) * H + h) * N + i0) * D;
-          unpack(dq_rows.data(), Dp, rows, D, scale, dq_out);
+          long dq_ld;
+          float* dq_rows = fp32_out(dq_out, D, dq_buf.data(), dq_ld);
+          gemm(rows, Dp, N, ds.data(), Np, 1, k_rows, k_ld, dq_rows, dq_ld, false);
+          if (dq_rows == dq_buf.data()) unpack(dq_rows, dq_ld, rows, D, 1.0f, dq_out);
         }
       }
-      scalar_t* dk_out = dkp + (static_cast<long>(b) * KV + kv) * N * D;
-      scalar_t* dv_out = dvp + (static_cast<long>(b) * KV + kv) * N * D;
-      unpack(dk_acc.data(), Dp, N, D, scale, dk_out);
-      unpack(dv_acc.data(), Dp, N, D, 1.0f, dv_out);
+      if (dk_rows == dk_acc.data()) unpack(dk_rows, dk_ld, N, D, 1.0f, dk_out);
+      if (dv_rows == dv_acc.data()) unpack(dv_rows, dv_ld, N, D, 1.0f, dv_out);
     }
   });
 }

@@ -143,18 +143,6 @@ static void unpack(const float* src, long ld, int rows, int cols, float scale, s
   }
 }
 
-// sum_d a[d] * b[d * b_col]: a row of fp32 dO against a row of O read in place
-template <typename scalar_t>
-static float row_dot(const float* a, const scalar_t* b, long b_col, int D) {
-  if constexpr (std::is_same_v<scalar_t, float>)
-    if (b_col == 1)
-      return at::vec::map2_reduce_all<float>([](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, a,
-                                             b, D);
-  float sum = 0.0f;
-  for (int d = 0; d < D; ++d) sum += a[d] * static_cast<float>(b[d * b_col]);
-  return sum;
-}
-
 // x[j] = exp((x[j] - m) * scale) for j < n, returning their sum, in one pass; the padding up to the next
 // multiple of the vector width is set to zero
 static float exp_and_sum(float* x, float m, float scale, int n) {
@@ -310,8 +298,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
 }
 
 // -----------------------------------------------------------------------------
-// backward: with P = softmax(S) recomputed as exp(scale * Q K^T - lse) and Delta_i = sum_d dO_id O_id,
-// dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), dQ = dS K * scale, dK = dS^T Q * scale
+// backward: with P = softmax(S) recomputed as exp(scale * Q K^T - lse) and Delta_i = sum_j P_ij dP_ij,
+// dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), dQ = dS K * scale, dK = dS^T Q * scale.
+// Delta also equals sum_d dO_id O_id, the form flash attention uses because it never holds a whole row of
+// P; a block here holds every key, so the row sum comes from P and dP in cache and O is never read.
 
 template <typename scalar_t>
 static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -321,12 +311,12 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
   const int Np = round_up(N), Dp = round_up(D), BQ = query_block(N);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
-  const scalar_t *gp = grad_out.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
+  const scalar_t* gp = grad_out.data_ptr<scalar_t>();
   const float* lp = lse.data_ptr<float>();  // contiguous
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kt(D * Np), vt(D * Np), kb(N * Dp), vb(N * Dp), dk_acc(N * Dp), dv_acc(N * Dp);
-    std::vector<float> qb(BQ * Dp), gb(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_buf(BQ * Dp), delta(BQ);
+    std::vector<float> qb(BQ * Dp), gb(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_buf(BQ * Dp);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / KV, kv = task % KV;
       const scalar_t* k_head = kp + b * k.stride(0) + kv * k.stride(1);
@@ -346,27 +336,29 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
           const bool first = h == kv * G && i0 == 0;  // dK and dV start from this block's products
           const long q_off = b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
           const long g_off = b * grad_out.stride(0) + h * grad_out.stride(1) + i0 * grad_out.stride(2);
-          const long o_off = b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2);
           // q unscaled, as in the forward: the scale goes into P's exponent and into dS
           long q_ld, g_ld;
           const float* q_rows = fp32_rows(qp + q_off, q.stride(2), q.stride(3), rows, D, qb.data(), Dp, q_ld);
           const float* g_rows = fp32_rows(gp + g_off, grad_out.stride(2), grad_out.stride(3), rows, D, gb.data(), Dp,
                                           g_ld);
-          for (int i = 0; i < rows; ++i)  // delta_i = sum_d dO_id O_id
-            delta[i] = row_dot(g_rows + i * g_ld, op + o_off + i * out.stride(2), out.stride(3), D);
           gemm_nt(rows, N, D, q_rows, q_ld, kt.data(), Np, k_rows, k_ld, p.data(), Np);  // unscaled scores
           gemm_nt(rows, N, D, g_rows, g_ld, vt.data(), Np, v_rows, v_ld, ds.data(), Np);  // dP
           const float* row_lse = lp + (static_cast<long>(b) * H + h) * N + i0;
-          // P and dS (times the scale, which dQ and dK both carry) in one pass of whole vectors, padding columns included: whatever those hold, no product
-          // below reads them (they lie past N), so the row's edge needs no masked loads or stores
+          // P with Delta, then dS times the scale (which dQ and dK both carry), over whole vectors: the products
+          // left the padding columns zero, so they add nothing to Delta, and nothing below reads them
+          const Vec scale_v(scale);
           for (int i = 0; i < rows; ++i) {
             float *pi = p.data() + i * Np, *dsi = ds.data() + i * Np;
-            const Vec m(-row_lse[i]), di(delta[i]), scale_v(scale);
+            const Vec m(-row_lse[i]);
+            Vec delta(0.0f);
             for (int j = 0; j < Np; j += kVec) {
               const Vec pij = at::vec::fmadd(Vec::loadu(pi + j), scale_v, m).exp_u20();
               pij.store(pi + j);
-              (pij * (Vec::loadu(dsi + j) - di) * scale_v).store(dsi + j);
+              delta = at::vec::fmadd(pij, Vec::loadu(dsi + j), delta);
             }
+            const Vec di(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, delta));
+            for (int j = 0; j < Np; j += kVec)
+              (Vec::loadu(pi + j) * (Vec::loadu(dsi + j) - di) * scale_v).store(dsi + j);
           }
           // P^T and dS^T are read in place through swapped strides
           gemm(N, Dp, rows, p.data(), 1, Np, g_rows, g_ld, dv_rows, dv_ld, !first);

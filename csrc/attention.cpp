@@ -97,14 +97,16 @@ static void gemm_nt(int M, int NC, int K, const float* A, long lda, const float*
   }
   if (whole > 0) gemm(M, whole, K, A, lda, 1, Bt, ldbt, C, ldc, false);
   for (int i = 0; i < M; ++i) {
-    alignas(32) float tail[kVec] = {};
-    for (int c = 0; c < r; ++c) {
+    // lane c of the stored vector is column whole + c; built in registers, as a store of the scalars and a
+    // vector load of them would stall on store forwarding
+    Vec tail(0.0f);
+    for (int c = r - 1; c >= 0; --c) {
       const float *a = A + i * lda, *b = B + (whole + c) * ldb;
       Vec acc = Vec::loadu(a) * Vec::loadu(b);
       for (int d = kVec; d < round_up(K); d += kVec) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
-      tail[c] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+      tail = Vec::set(tail, Vec(at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc)), c + 1);
     }
-    Vec::loadu(tail).store(C + i * ldc + whole);
+    tail.store(C + i * ldc + whole);
   }
 }
 
@@ -255,7 +257,9 @@ static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
       pack_transposed(k_head, k.stride(2), k.stride(3), N, D, kt.data(), Np);
       long k_ld;
       const float* k_rows = fp32_rows(k_head, k.stride(2), k.stride(3), N, D, kb.data(), Dp, k_ld);
-      pack(vp + b * v.stride(0) + kv * v.stride(1), v.stride(2), v.stride(3), N, D, vb.data(), Dp);
+      long v_ld;
+      const float* v_rows = fp32_rows(vp + b * v.stride(0) + kv * v.stride(1), v.stride(2), v.stride(3), N, D,
+                                      vb.data(), Dp, v_ld);
       for (int h = kv * G; h < (kv + 1) * G; ++h) {
         for (int i0 = 0; i0 < N; i0 += BQ) {
           const int rows = std::min(BQ, N - i0);
@@ -274,7 +278,7 @@ static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
           scalar_t* out_rows = op + ((static_cast<long>(b) * H + h) * N + i0) * D;
           long o_ld;
           float* o_rows = fp32_out(out_rows, D, o.data(), o_ld);
-          gemm(rows, Dp, N, s.data(), Np, 1, vb.data(), Dp, o_rows, o_ld, false);  // unnormalised
+          gemm(rows, Dp, N, s.data(), Np, 1, v_rows, v_ld, o_rows, o_ld, false);  // unnormalised
           // normalise the output rather than the probabilities: D multiplies a row, not N (in place for fp32)
           for (int i = 0; i < rows; ++i) unpack(o_rows + i * o_ld, o_ld, 1, D, 1.0f / row_sum[i], out_rows + i * D);
         }

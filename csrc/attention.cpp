@@ -6,7 +6,9 @@
 //
 // One task is one (batch, kv head): it packs that head's K and V into fp32 buffers once and runs the
 // H / KV query heads that share them, in blocks of query rows whose score block fits in L2. Owning the
-// kv head also means the backward sums dK and dV over its query heads without atomics.
+// kv head also means the backward sums dK and dV over its query heads without atomics. Each thread takes
+// the next task from a shared counter rather than a fixed share of them, so on a busy machine a thread
+// that loses its core for a while does fewer tasks instead of holding up the others at the end.
 // All products go through gemm() below, a 6 x 16 register-blocked kernel over row-major fp32 buffers
 // whose rows are padded to a multiple of 8 floats; exp is at::vec's polynomial exp_u20. setup.py builds
 // at::vec for AVX2, so the inner loop is ymm vbroadcastss + vfmadd231ps with the eight accumulators in
@@ -20,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -248,10 +251,11 @@ static void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();  // contiguous, allocated by us
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_task{0};  // see the header: threads take tasks one at a time
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), B * KV), 1, [&](int64_t, int64_t) {
     std::vector<float> kt(D * Np), kb(N * Dp), vb(N * Dp), qb(BQ * Dp), s(BQ * Np), o(BQ * Dp);  // zero padding
     std::vector<float> row_max(BQ), row_sum(BQ);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next_task++) < B * KV;) {
       const int b = task / KV, kv = task % KV;
       const scalar_t* k_head = kp + b * k.stride(0) + kv * k.stride(1);
       pack_transposed(k_head, k.stride(2), k.stride(3), N, D, kt.data(), Np);
@@ -318,10 +322,11 @@ static void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
   const scalar_t* gp = grad_out.data_ptr<scalar_t>();
   const float* lp = lse.data_ptr<float>();  // contiguous
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
-  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_task{0};  // see the header: threads take tasks one at a time
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), B * KV), 1, [&](int64_t, int64_t) {
     std::vector<float> kt(D * Np), vt(D * Np), kb(N * Dp), vb(N * Dp), dk_acc(N * Dp), dv_acc(N * Dp);
     std::vector<float> qb(BQ * Dp), gb(BQ * Dp), p(BQ * Np), ds(BQ * Np), dq_buf(BQ * Dp);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next_task++) < B * KV;) {
       const int b = task / KV, kv = task % KV;
       const scalar_t* k_head = kp + b * k.stride(0) + kv * k.stride(1);
       const scalar_t* v_head = vp + b * v.stride(0) + kv * v.stride(1);

@@ -6,14 +6,16 @@ import torch
 
 
 def cpu_name():
+    """lscpu's model name and the vector instructions PyTorch (and the csrc attention) use on it."""
+    name = "unknown CPU"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     except OSError:
-        return "unknown CPU"
+        out = ""
     for line in out.splitlines():
         if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+            name = line.split(":", 1)[1].strip()
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def race(fns, repeats, warmup=1, sync=lambda: None):

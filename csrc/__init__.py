@@ -25,7 +25,8 @@ def _load():
         if KERNELS == "on":
             _fail(f"DIT_KERNELS=on but the csrc extension is not built or does not load ({e}); run make kernels")
         return None, "pure PyTorch (csrc extension not built: make kernels)"
-    return ops, "csrc extension"
+    import torch  # loaded by ops already
+    return ops, f"csrc extension (CPU attention for {torch.backends.cpu.get_cpu_capability()})"
 
 
 extension, KERNELS_PATH = _load()

@@ -3,13 +3,19 @@ The csrc kernels against their references: model.attention_reference and diffusi
 formulas. Skipped as a whole when the extension is not built (make kernels). Run from the repo root.
 """
 import itertools
+import os
+import platform
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for model, diffusion, csrc
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo root, for model, diffusion, csrc
 
 ops = pytest.importorskip("csrc.ops", reason="csrc extension not built (make kernels)")
 import diffusion  # noqa: E402
@@ -121,6 +127,66 @@ def test_attention_returns_log_sum_exp():
     _, lse = torch.ops.dit_kernels.attention_forward(q, k, v)
     scores = (q * 48 ** -0.5).view(2, 2, 4, 17, 48) @ k.unsqueeze(2).transpose(-2, -1)
     torch.testing.assert_close(lse, scores.logsumexp(-1).reshape(2, 8, 17))
+
+
+# -----------------------------------------------------------------------------
+# the two CPU builds of attention: AVX2 (attention.cpp) and AVX-512 (attention_avx512.cpp), chosen at run time
+# by PyTorch's CPU capability, which ATEN_CPU_CAPABILITY overrides
+
+
+def run_with_capability(capability, *pytest_args):
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+avx512_only = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                                 reason="this CPU runs only the AVX2 build, which every other test here covers")
+
+
+@avx512_only
+def test_attention_avx2_build_passes_too():
+    """The tests above ran the AVX-512 build on this CPU; the AVX2 build runs them in a child process."""
+    result = run_with_capability("avx2", __file__, "-x", "-k", "attention and not build")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"\b[1-9]\d* passed", result.stdout), result.stdout[-3000:]
+
+
+@avx512_only
+def test_the_two_builds_are_both_run(tmp_path):
+    """Sums in 8- and 16-float vectors round differently: equal outputs would mean one build ran twice."""
+    script = ("import sys, torch; sys.path.insert(0, '.'); from csrc import ops; g = torch.Generator().manual_seed(0);"
+              "q, k, v = (torch.randn(2, h, 65, 48, generator=g) for h in (8, 2, 2));"
+              "torch.save(ops.attention(q, k, v), sys.argv[1])")
+    outs = []
+    for capability in ("avx2", "avx512"):
+        path = tmp_path / f"{capability}.pt"
+        subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, check=True, timeout=300,
+                       env={**os.environ, "ATEN_CPU_CAPABILITY": capability})
+        outs.append(torch.load(path))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
+                    reason="needs x86-64 and objdump")
+def test_avx512_instructions_only_in_the_avx512_build():
+    """An AVX-512 instruction anywhere else (an inline function from a header, kept by the linker from the
+    AVX-512 file) would crash the library on AVX2 machines."""
+    library = getattr(sys.modules.get("csrc._C"), "__file__", None)
+    if library is None:
+        pytest.skip("the extension was loaded by the JIT path, not built as csrc/_C")
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", library], capture_output=True,
+                             text=True, check=True).stdout
+    avx512 = re.compile(r"%zmm|%[xy]mm(1[6-9]|2\d|3[01])\b|%k[1-7]\b|\{1to\d+\}|vpternlog|vperm[it]2")
+    function, offenders, avx512_functions = None, set(), set()
+    for line in listing.splitlines():
+        if m := re.match(r"^[0-9a-f]+ <(.*)>:$", line):
+            function = m.group(1)
+        elif function and avx512.search(line):
+            (avx512_functions if "AVX512" in function else offenders).add(function)
+    assert avx512_functions, "no AVX-512 code found at all: is attention_avx512.cpp built?"
+    assert not offenders, sorted(offenders)[:10]
 
 
 # -----------------------------------------------------------------------------

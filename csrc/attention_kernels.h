@@ -79,10 +79,18 @@ static inline void gemm_tile(int K, const float* A, long a_row, long a_col, cons
     }
 }
 
+// An odd number of vectors would end on a one-vector tile, whose six accumulators cannot hide the FMA latency.
+// AVX-512's 32 registers hold a three-vector tile (18 accumulators) instead, which takes D = 48 whole.
 template <int MR>
 static void gemm_rows(int NC, int K, const float* A, long a_row, long a_col, const float* B, long ldb, float* C,
                       long ldc, bool accumulate) {
   int j = 0;
+#ifdef CPU_CAPABILITY_AVX512
+  if (NC % (2 * kVec) != 0 && NC >= 3 * kVec) {
+    gemm_tile<MR, 3>(K, A, a_row, a_col, B, ldb, C, ldc, accumulate);
+    j = 3 * kVec;
+  }
+#endif
   for (; j + 2 * kVec <= NC; j += 2 * kVec) gemm_tile<MR, 2>(K, A, a_row, a_col, B + j, ldb, C + j, ldc, accumulate);
   if (j < NC) gemm_tile<MR, 1>(K, A, a_row, a_col, B + j, ldb, C + j, ldc, accumulate);
 }

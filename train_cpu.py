@@ -71,6 +71,29 @@ def make_optimizer(model, lr, weight_decay=0.0):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def autocast_dtype_for(precision, device):
+    """training.precision as an autocast dtype, None for fp32. auto is bf16 on CUDA, and on a CPU only where
+    bf16 matmuls outrun fp32 ones: whole training steps ran 2.4 to 2.9x faster in bf16 on a Xeon with AMX, and
+    8 to 13x slower on a Zen 3 without native bf16 (BENCHMARKS.md), so a short matmul race decides."""
+    if precision == "auto" and device.type == "cpu":
+        return torch.bfloat16 if bf16_matmul_speedup() >= 1.5 else None
+    return torch.bfloat16 if precision in ("auto", "bf16") else None
+
+
+def bf16_matmul_speedup(n=256, repeats=5):
+    """fp32 time over bf16 time of an n^3 matmul on the CPU, each the best of interleaved runs (the slow first
+    ones, where oneDNN compiles its kernels, lose to the later ones)."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))  # not the global generator: resumes stay exact
+    operands = [(a, a), (a.bfloat16(), a.bfloat16())]
+    best = [float("inf")] * 2
+    for _ in range(repeats):
+        for i, (x, y) in enumerate(operands):
+            start = time.perf_counter()
+            x @ y
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0] / best[1]
+
+
 def ema_rate_at(step, ema_rate):
     """EMA decay warmed up as min(rate, (1 + step) / (10 + step)), so short runs get a usable EMA instead
     of one still dominated by the random initialisation after thousands of steps."""
@@ -104,7 +127,8 @@ def parse_args(argv):
     parser.add_argument("--resume", "--resume_checkpoint", dest="resume", help="checkpoint.pth of a run to continue")
     parser.add_argument("--run", help="run name: outputs/<run>/ (default: model-schedule-time)")
     parser.add_argument("--output_dir", default="outputs")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights): "
+                        "--training.precision=bf16; the default, auto, takes bf16 where this CPU runs it faster")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--grid_per_class", type=int, default=4, help="samples per class in the final grid")
     args, rest = parser.parse_known_args(argv)
@@ -124,7 +148,7 @@ def build_config(args, overrides, base=None):
              "training.max_steps": args.max_steps, "model.unet_num_heads": args.num_heads,
              "model.dropout": args.dropout, "training.weight_decay": args.weight_decay,
              "training.ema_rate": args.ema_rate, "training.seed": args.seed, "training.max_minutes": args.max_minutes,
-             "training.save_interval": args.save_interval,
+             "training.save_interval": args.save_interval, "training.precision": "bf16" if args.bf16 else None,
              "model.attention_resolutions": None if args.attention_resolutions is None
              else f"[{args.attention_resolutions}]"}
     given = [f"--{key}={value}" for key, value in flags.items() if value is not None]
@@ -191,7 +215,7 @@ def main(argv):
         step, elapsed = resumed["step"], resumed.get("elapsed", 0.0)
         set_rng_state(resumed["rng"])
     forward = torch.compile(model) if args.compile else model
-    autocast_dtype = torch.bfloat16 if args.bf16 else None
+    autocast_dtype = autocast_dtype_for(tc["precision"], torch.device("cpu"))
     batch_size = tc["batch_size"]
     steps_per_epoch = len(images) // batch_size
     if steps_per_epoch == 0:
@@ -199,7 +223,8 @@ def main(argv):
     max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
     print(model_summary(model, cfg["model"]))
     print(f"run {run_dir} | {len(images)} images, {len(class_names)} classes | batch {batch_size}, microbatch "
-          f"{args.microbatch} | {torch.get_num_threads()} threads | {'bf16' if args.bf16 else 'fp32'} | "
+          f"{args.microbatch} | {torch.get_num_threads()} threads | "
+          f"{'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "
           f"kernels: {KERNELS_PATH} | steps {step} -> {max_steps}")
 
     # Ctrl-C or SIGTERM asks the loop to stop after the current step, which then saves before exiting,

@@ -33,7 +33,7 @@ from data import load_cifar10, plot_curves, random_batches
 from diffusion import Diffusion
 from model import build_model, model_summary, update_ema
 from sample import save_class_grid, save_timestep_grid
-from train_cpu import ema_rate_at, lr_at, make_optimizer, train_step
+from train_cpu import autocast_dtype_for, ema_rate_at, lr_at, make_optimizer, train_step
 
 # -----------------------------------------------------------------------------
 # command line: --resume PATH|auto, the rest is configuration
@@ -94,8 +94,12 @@ else:
     device = torch.device("cpu")
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins; else the cores are shared out
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-bf16 = tc["precision"] == "bf16" or (tc["precision"] == "auto" and device.type == "cuda")
-autocast_dtype = torch.bfloat16 if bf16 else None
+autocast_dtype = autocast_dtype_for(tc["precision"], device)
+if distributed and device.type == "cpu" and tc["precision"] == "auto":
+    # each rank timed its own matmuls; bf16 only if every one of them chose it, so that all ranks agree
+    chose_bf16 = torch.tensor([int(autocast_dtype is not None)])
+    dist.all_reduce(chose_bf16, op=dist.ReduceOp.MIN)
+    autocast_dtype = torch.bfloat16 if chose_bf16.item() else None
 
 
 def log(message):
@@ -146,8 +150,8 @@ forward = DistributedDataParallel(compiled, device_ids=[local_rank] if device.ty
     if distributed else compiled
 max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
 log(f"{world_size} process(es) on {device.type} | batch {batch_size} per process, {batch_size * world_size} in all | "
-    f"{steps_per_epoch} steps/epoch | {'bf16 autocast' if autocast_dtype else 'fp32'} | kernels: {KERNELS_PATH} | "
-    f"data loaded in {time.time() - data_started:.1f} s | step {step} -> {max_steps}")
+    f"{steps_per_epoch} steps/epoch | {'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "
+    f"kernels: {KERNELS_PATH} | data loaded in {time.time() - data_started:.1f} s | step {step} -> {max_steps}")
 
 # -----------------------------------------------------------------------------
 # preemption: SIGTERM or Ctrl-C finishes the step, saves, and exits cleanly; all ranks agree to stop

@@ -11,6 +11,7 @@ from config import load_config
 from conftest import assert_same_checkpoint_weights
 from diffusion import Diffusion, get_beta_schedule
 from model import build_model
+import train_cpu
 from train_cpu import main, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +88,38 @@ def test_resume_continues_exactly(tmp_path, synthetic_data):
         assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
 
 
+def test_precision_auto_follows_the_bf16_matmul_race(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train_cpu.autocast_dtype_for("fp32", cpu) is None
+    assert train_cpu.autocast_dtype_for("fp32", cuda) is None
+    assert train_cpu.autocast_dtype_for("bf16", cpu) is torch.bfloat16
+    assert train_cpu.autocast_dtype_for("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(train_cpu, "bf16_matmul_speedup", lambda: 2.5)  # a CPU with AMX
+    assert train_cpu.autocast_dtype_for("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(train_cpu, "bf16_matmul_speedup", lambda: 0.08)  # one without native bf16
+    assert train_cpu.autocast_dtype_for("auto", cpu) is None
+
+
+def test_bf16_matmul_speedup_times_both_dtypes(monkeypatch):
+    ratio = train_cpu.bf16_matmul_speedup(n=64, repeats=2)
+    assert 0 < ratio < float("inf")
+    seen = []
+    real_perf_counter = train_cpu.time.perf_counter
+    monkeypatch.setattr(train_cpu.time, "perf_counter", lambda: seen.append(1) or real_perf_counter())
+    train_cpu.bf16_matmul_speedup(n=8, repeats=3)
+    assert len(seen) == 2 * 2 * 3  # a start and an end for each dtype in each round
+
+
+def test_bf16_flag_trains_in_bf16(tmp_path, synthetic_data, capsys):
+    main(["--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
+          "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--max_steps", "2",
+          "--output_dir", str(tmp_path), "--sampling.steps=2", "--grid_per_class=1", "--run", "bf16", "--bf16"])
+    assert "bf16 autocast (precision bf16)" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "bf16" / "checkpoint.pth", weights_only=False)
+    assert checkpoint["config"]["training"]["precision"] == "bf16"  # a resumed run keeps it
+    assert all(v.dtype == torch.float32 for v in checkpoint["model"].values() if v.is_floating_point())
+
+
 @pytest.mark.slow
 def test_compile_trains_like_eager(tmp_path, synthetic_data):
     # attention at 32x32 so the compiled graph goes through model.attention (the csrc op when built);
@@ -94,7 +127,8 @@ def test_compile_trains_like_eager(tmp_path, synthetic_data):
     common = ["--model.class_dropout=0.0", "--num_channels", "8", "--num_res_blocks", "1", "--model.channel_mult=[1]",
               "--model.attention_resolutions=[32]", "--model.unet_num_heads=1", "--batch_size", "4",
               "--data_dir", synthetic_data, "--max_steps", "3", "--save_interval", "3", "--log_interval", "1",
-              "--output_dir", str(tmp_path), "--sampling.steps=2", "--grid_per_class=1", "--threads=2"]
+              "--output_dir", str(tmp_path), "--sampling.steps=2", "--grid_per_class=1", "--threads=2",
+              "--training.precision=fp32"]  # auto may pick bf16, whose roundings would swamp the comparison
     main(common + ["--run", "eager"])
     main(common + ["--run", "compiled", "--compile"])
     eager = torch.load(tmp_path / "eager" / "checkpoint.pth", weights_only=False)

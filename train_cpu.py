@@ -74,13 +74,15 @@ def make_optimizer(model, lr, weight_decay=0.0):
 def autocast_dtype_for(precision, device):
     """training.precision as an autocast dtype, None for fp32. auto is bf16 on CUDA, and on a CPU only where
     bf16 matmuls outrun fp32 ones: whole training steps ran 2.4 to 2.9x faster in bf16 on a Xeon with AMX, and
-    8 to 13x slower on a Zen 3 without native bf16 (BENCHMARKS.md), so a short matmul race decides."""
+    8 to 13x slower on a Zen 3 without native bf16 (BENCHMARKS.md), so a short matmul race decides. Its ratio
+    depends on the size (on that Xeon, 2 threads: 1.5x at 256^3, 4x at 384^3, 1.8x at 512^3 and 768^3, against
+    under 0.05x on the Zen 3), hence 512 and a threshold well inside the gap. A resumed run decides again."""
     if precision == "auto" and device.type == "cpu":
-        return torch.bfloat16 if bf16_matmul_speedup() >= 1.5 else None
+        return torch.bfloat16 if bf16_matmul_speedup() >= 1.2 else None
     return torch.bfloat16 if precision in ("auto", "bf16") else None
 
 
-def bf16_matmul_speedup(n=256, repeats=5):
+def bf16_matmul_speedup(n=512, repeats=5):
     """fp32 time over bf16 time of an n^3 matmul on the CPU, each the best of interleaved runs (the slow first
     ones, where oneDNN compiles its kernels, lose to the later ones)."""
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))  # not the global generator: resumes stay exact

@@ -74,7 +74,7 @@ def test_resume_continues_exactly(tmp_path, synthetic_data):
     common = ["--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
               "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--save_interval", "3",
               "--log_interval", "3", "--output_dir", str(tmp_path), "--sampling.steps=2", "--grid_per_class=1",
-              "--training.warmup_steps=4"]
+              "--training.warmup_steps=4", "--training.precision=fp32"]  # auto could choose differently per run
     main(common + ["--max_steps", "6", "--run", "straight"])
     main(common + ["--max_steps", "3", "--run", "split"])
     # the resumed run takes its config from the checkpoint, so only the step limit changes

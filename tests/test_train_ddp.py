@@ -13,7 +13,8 @@ from conftest import assert_same_checkpoint_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2", "--model.num_kv_heads=1",
-        "--sampling.steps=2", "--training.batch_size=4", "--training.warmup_steps=3", "--training.log_interval=1"]
+        "--sampling.steps=2", "--training.batch_size=4", "--training.warmup_steps=3", "--training.log_interval=1",
+        "--training.precision=fp32"]  # auto decides by timing matmuls, which could differ between runs compared here
 
 
 def options(tmp_path, data, *extra):

@@ -187,6 +187,8 @@ __global__ void attention_backward_kernel(const scalar_t* grad_out, const scalar
 static void check_cuda(const at::Tensor& q) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor here, got ", q.device());
   TORCH_CHECK(q.size(3) <= kMaxD, "the CUDA attention supports head dim D <= ", kMaxD, ", got D=", q.size(3));
+  // heads and batch are the grid's y and z, which CUDA caps at 65535
+  TORCH_CHECK(q.size(0) <= 65535, "the CUDA attention takes batches of at most 65535, got B=", q.size(0));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -196,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   const c10::cuda::CUDAGuard guard(q_in.device());
   auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const int B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), KV = k.size(1);
-  auto out = at::empty_like(q);
+  auto out = at::empty(q.sizes(), q.options());  // contiguous strides, as the CPU op and the fake declare
   auto lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
   const dim3 grid((N + kTile - 1) / kTile, H, B);
@@ -226,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(const at:
   const int B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), KV = k.size(1);
   auto delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();  // (B, H, N)
   auto dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));  // summed into by every key block
-  auto dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
   if (q.numel() == 0) return {dq.to(q.scalar_type()), dk, dv};
   const dim3 grid((N + kTile - 1) / kTile, KV, B);
   const float scale = 1.0f / sqrtf(static_cast<float>(D));

@@ -18,7 +18,7 @@ use_cuda = os.environ.get("DIT_CUDA") == "1" or torch.cuda.is_available()
 
 # no -march=native: the .so must run on any x86 machine with AVX2, not just the one that built it.
 # at::vec picks its implementation by CPU_CAPABILITY, as in ATen's own AVX2 kernels; elsewhere it falls
-# back to portable loops. csrc/attention_avx512.cpp adds an AVX-512 build of attention by a pragma of its own,
+# back to portable loops. csrc/kernels_avx512.cpp adds an AVX-512 build of the CPU kernels by a pragma of its own,
 # used at run time only on CPUs that have it. -ffp-contract=off keeps the noise steps bitwise equal to the PyTorch reference
 # (attention's fused multiply-adds are explicit at::vec::fmadd calls).
 cxx = ["-O0", "-g"] if debug else ["-O3"]

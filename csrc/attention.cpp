@@ -2,7 +2,6 @@
 // registration. The kernels themselves, and how they work, are in attention_kernels.h.
 #include <Python.h>
 #include <ATen/ATen.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include "attention_kernels.h"  // the AVX2 build (setup.py's flags): dit_kernels::AVX2
@@ -46,22 +45,14 @@ void check_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
                 t->device());
 }
 
-// -----------------------------------------------------------------------------
-// the instruction set: AVX-512 where PyTorch itself uses it (torch.backends.cpu.get_cpu_capability(), which
-// ATEN_CPU_CAPABILITY=avx2 overrides), since 16-float vectors do twice the work of each AVX2 instruction
-
 #ifdef DIT_AVX512_BUILD
-namespace AVX512 {  // attention_avx512.cpp
+namespace AVX512 {  // kernels_avx512.cpp
 void attention_forward_kernel(const AttentionArgs& a);
 void attention_backward_kernel(const AttentionArgs& a);
 }  // namespace AVX512
-
-static bool use_avx512() {
-  static const bool avx512 = at::get_cpu_capability() == "AVX512";
-  return avx512;
-}
 #endif
 
+// the AVX-512 build where PyTorch uses AVX-512 itself (cpu_capability.h)
 static void run_forward(const AttentionArgs& a) {
 #ifdef DIT_AVX512_BUILD
   if (use_avx512()) return AVX512::attention_forward_kernel(a);

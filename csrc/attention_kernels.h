@@ -1,6 +1,7 @@
-// The CPU attention kernels, forward and backward, fp32 and bf16 (fp32 accumulation), compiled twice: by
-// attention.cpp for AVX2 and by attention_avx512.cpp for AVX-512. Everything below the includes lives in
-// namespace dit_kernels::CPU_CAPABILITY (AVX2 or AVX512), as at::vec does, so the two builds never share a name.
+// The CPU attention kernels, forward and backward, fp32 and bf16 (fp32 accumulation), compiled twice (see
+// cpu_capability.h): by attention.cpp for AVX2 and by kernels_avx512.cpp for AVX-512. Everything below the
+// includes lives in namespace dit_kernels::CPU_CAPABILITY (AVX2 or AVX512), as at::vec does, so the two
+// builds never share a name.
 //
 // q (B, H, N, D); k, v (B, KV, N, D); query head h reads key/value head h / (H / KV); scale 1/sqrt(D).
 // The forward returns the output and the log-sum-exp of each score row (B, H, N); the backward
@@ -28,10 +29,7 @@
 #include <cmath>
 #include <cstdint>
 
-// attention_avx512.cpp compiles the AVX-512 build with GCC's target pragma, on x86-64 only
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DIT_AVX512_BUILD
-#endif
+#include "cpu_capability.h"
 
 namespace dit_kernels {
 
@@ -230,7 +228,7 @@ static int query_block(int N) {
 }
 
 // a zeroed fp32 buffer. Not std::vector: its out-of-line members would be compiled in both instruction-set
-// builds under one name, and the linker keeps one of the two for the whole library (see attention_avx512.cpp)
+// builds under one name, and the linker keeps one of the two for the whole library (see kernels_avx512.cpp)
 struct Buffer {
   explicit Buffer(size_t n) : ptr(new float[n]()) {}
   ~Buffer() { delete[] ptr; }

@@ -1,17 +1,13 @@
-// The three elementwise noise steps of diffusion.py, fused into one pass over the images on the CPU.
-//
-// Images are (B, ...) float32 or bfloat16; each coefficient is float32 (B,), one per sample, so a batch
-// may mix timesteps. The arithmetic repeats diffusion.py's reference formulas operation for operation
-// (and the extension is built with -ffp-contract=off), so in float32 the results are bitwise equal to
-// the reference; bfloat16 images are computed in float32 and rounded once at the end.
+// The three elementwise noise steps of diffusion.py, fused into one pass over the images: the checks, the
+// choice of CPU build and the op registration. The CPU loops are in noise_kernels.h, the CUDA kernels in
+// cuda/noise_steps.cu.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <array>
 #include <initializer_list>
 #include <utility>
+
+#include "noise_kernels.h"  // the AVX2 build (setup.py's flags): dit_kernels::AVX2
 
 namespace dit_kernels {
 
@@ -44,81 +40,27 @@ static void check_coefs(const at::Tensor& x, std::initializer_list<Named> coefs)
   }
 }
 
-// f(b, a) for every sample b, samples split across threads. a holds sample b's coefficients, rounded to
-// the image dtype first as the reference's coef.to(x.dtype) does. It is passed by value: a pointer could
-// alias the output, and the compiler would then reload it per element instead of vectorising.
-template <typename scalar_t, int NUM_COEFS, typename F>
-static void per_sample(int64_t B, const at::Tensor (&coefs)[NUM_COEFS], const F& f) {
-  const float* coef_ptrs[NUM_COEFS];
-  for (int c = 0; c < NUM_COEFS; ++c) {
-    const at::Tensor& coef = coefs[c];
-    coef_ptrs[c] = coef.data_ptr<float>();
-  }
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      std::array<float, NUM_COEFS> a;
-      for (int c = 0; c < NUM_COEFS; ++c) a[c] = static_cast<float>(static_cast<scalar_t>(coef_ptrs[c][b]));
-      f(b, a);
-    }
-  });
-}
+#ifdef DIT_AVX512_BUILD
+namespace AVX512 {  // kernels_avx512.cpp
+void noise_step_kernel(const NoiseArgs& a);
+}  // namespace AVX512
+#endif
 
-// -----------------------------------------------------------------------------
-// the per-element formulas; out, the images and the coefficients are contiguous
-
-// x_t = coef_x0 * x0 + coef_noise * noise
-template <typename scalar_t>
-static void q_sample_kernel(at::Tensor& out, const at::Tensor& x0, const at::Tensor& noise,
-                            const at::Tensor (&coefs)[2]) {
-  const int64_t M = x0.numel() / x0.size(0);
-  const scalar_t *xp = x0.data_ptr<scalar_t>(), *np = noise.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  per_sample<scalar_t, 2>(x0.size(0), coefs, [&](int64_t b, const std::array<float, 2> a) {
-    const scalar_t *x = xp + b * M, *n = np + b * M;
-    scalar_t* o = op + b * M;
-#pragma omp simd
-    for (int64_t i = 0; i < M; ++i)
-      o[i] = static_cast<scalar_t>(a[0] * static_cast<float>(x[i]) + a[1] * static_cast<float>(n[i]));
-  });
-}
-
-// both samplers start from x0 = sqrt_recip_alpha_bar * x_t - sqrt_recipm1_alpha_bar * eps, clamped if clip
-static inline float predict_x0(float x, float eps, float recip, float recipm1, bool clip) {
-  const float x0 = recip * x - recipm1 * eps;
-  // branch-free ternaries, not std::min/max or an if: they map onto vmaxps / vminps / a blend, so the
-  // loop vectorises; a NaN passes through, as in torch.clamp
-  const float low = x0 < -1.0f ? -1.0f : x0;
-  const float clamped = low > 1.0f ? 1.0f : low;
-  return clip ? clamped : x0;
-}
-
-// the samplers share everything but the last line. DDPM:
-//   x_{t-1} = mean_coef_x0 * x0 + mean_coef_xt * x_t + sigma * noise
-// DDIM (Song et al. 2021, eq. 12), with eps re-derived from the (possibly clipped) x0:
-//   x_{t-1} = sqrt_alpha_bar_prev * x0 + coef_eps * (sqrt_recip_alpha_bar * x_t - x0) / sqrt_recipm1_alpha_bar
-//             + sigma * noise
-template <typename scalar_t, bool DDIM>
-static void sampler_kernel(at::Tensor& out, const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& noise,
-                           const at::Tensor (&coefs)[5], bool clip) {
-  const int64_t M = x_t.numel() / x_t.size(0);
-  const scalar_t *xp = x_t.data_ptr<scalar_t>(), *ep = eps.data_ptr<scalar_t>(), *np = noise.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  per_sample<scalar_t, 5>(x_t.size(0), coefs, [&](int64_t b, const std::array<float, 5> a) {
-    const scalar_t *x = xp + b * M, *e = ep + b * M, *n = np + b * M;
-    scalar_t* o = op + b * M;
-#pragma omp simd
-    for (int64_t i = 0; i < M; ++i) {
-      const float xi = static_cast<float>(x[i]);
-      const float x0 = predict_x0(xi, static_cast<float>(e[i]), a[0], a[1], clip);
-      if constexpr (DDIM) {
-        const float eps_x0 = (a[0] * xi - x0) / a[1];
-        o[i] = static_cast<scalar_t>(a[2] * x0 + a[3] * eps_x0 + a[4] * static_cast<float>(n[i]));
-      } else {
-        const float mean = a[2] * x0 + a[3] * xi;
-        o[i] = static_cast<scalar_t>(mean + a[4] * static_cast<float>(n[i]));
-      }
-    }
-  });
+// the CPU loop of one step, on contiguous images and coefficients
+static void run_cpu(NoiseStep step, const at::Tensor& out, std::initializer_list<at::Tensor> images,
+                    const at::Tensor* coefs, int num_coefs, bool clip) {
+  NoiseArgs a{};
+  a.step = step, a.clip = clip;
+  a.B = out.size(0), a.M = out.numel() / out.size(0);
+  a.bf16 = out.scalar_type() == at::kBFloat16;
+  int i = 0;
+  for (const at::Tensor& image : images) a.images[i++] = image.data_ptr();
+  for (int c = 0; c < num_coefs; ++c) a.coefs[c] = coefs[c].data_ptr<float>();
+  a.out = out.data_ptr();
+#ifdef DIT_AVX512_BUILD
+  if (use_avx512()) return AVX512::noise_step_kernel(a);
+#endif
+  CPU_CAPABILITY::noise_step_kernel(a);
 }
 
 // -----------------------------------------------------------------------------
@@ -155,10 +97,7 @@ at::Tensor q_sample(const at::Tensor& x0, const at::Tensor& noise, const at::Ten
     return out;
   }
 #endif
-  if (x.scalar_type() == at::kFloat)
-    q_sample_kernel<float>(out, x, n, coefs);
-  else
-    q_sample_kernel<at::BFloat16>(out, x, n, coefs);
+  run_cpu(NoiseStep::q_sample, out, {x, n}, coefs, 2, false);
   return out;
 }
 
@@ -181,10 +120,7 @@ static at::Tensor sampler_step(const at::Tensor& x_t, const at::Tensor& eps, con
     return out;
   }
 #endif
-  if (x.scalar_type() == at::kFloat)
-    sampler_kernel<float, DDIM>(out, x, e, n, coefs, clip);
-  else
-    sampler_kernel<at::BFloat16, DDIM>(out, x, e, n, coefs, clip);
+  run_cpu(DDIM ? NoiseStep::ddim : NoiseStep::ddpm, out, {x, e, n}, coefs, 5, clip);
   return out;
 }
 

@@ -130,7 +130,7 @@ def test_attention_returns_log_sum_exp():
 
 
 # -----------------------------------------------------------------------------
-# the two CPU builds of attention: AVX2 (attention.cpp) and AVX-512 (attention_avx512.cpp), chosen at run time
+# the two CPU builds of the kernels: AVX2 (attention.cpp, noise_steps.cpp) and AVX-512 (kernels_avx512.cpp), chosen at run time
 # by PyTorch's CPU capability, which ATEN_CPU_CAPABILITY overrides
 
 
@@ -145,9 +145,10 @@ avx512_only = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX
 
 
 @avx512_only
-def test_attention_avx2_build_passes_too():
-    """The tests above ran the AVX-512 build on this CPU; the AVX2 build runs them in a child process."""
-    result = run_with_capability("avx2", __file__, "-x", "-k", "attention and not build")
+def test_avx2_build_passes_too():
+    """The tests ran the AVX-512 build on this CPU; the AVX2 build runs them in a child process."""
+    selected = "(attention or q_sample or sampler or noise) and not build"
+    result = run_with_capability("avx2", __file__, "-x", "-k", selected)
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(r"\b[1-9]\d* passed", result.stdout), result.stdout[-3000:]
 
@@ -185,7 +186,8 @@ def test_avx512_instructions_only_in_the_avx512_build():
             function = m.group(1)
         elif function and avx512.search(line):
             (avx512_functions if "AVX512" in function else offenders).add(function)
-    assert avx512_functions, "no AVX-512 code found at all: is attention_avx512.cpp built?"
+    for kernel in ("forward_kernel", "backward_kernel", "q_sample_loop", "sampler_loop"):
+        assert any(kernel in f for f in avx512_functions), f"no AVX-512 {kernel}: is kernels_avx512.cpp built?"
     assert not offenders, sorted(offenders)[:10]
 
 
@@ -193,17 +195,24 @@ def test_avx512_instructions_only_in_the_avx512_build():
 # noise steps
 
 
-def noise_inputs(num_images, dtype=torch.float32, device="cpu", B=4, seed=0):
+# images per sample: a whole number of 16-float vectors, and odd counts that leave a remainder after the
+# vectorised loop (a single element, 35, 3 x 17 x 17 = 867)
+image_shapes = [(3, 8, 8), (1,), (1, 5, 7), (3, 17, 17)]
+
+
+def noise_inputs(num_images, dtype=torch.float32, device="cpu", B=4, seed=0, shape=(3, 8, 8)):
     g = torch.Generator().manual_seed(seed)
-    images = [torch.randn(B, 3, 8, 8, generator=g).to(device, dtype) for _ in range(num_images)]
+    images = [torch.randn(B, *shape, generator=g).to(device, dtype) for _ in range(num_images)]
     process = diffusion.Diffusion(diffusion.get_beta_schedule("linear", 1000))
-    t = torch.tensor([0, 10, 500, 999][:B], device=device)
+    t = torch.tensor([0, 10, 500, 999, 250][:B], device=device)
     return images, process, t
 
 
 @pytest.mark.parametrize("device", devices)
-def test_q_sample_equals_reference(device):
-    (x0, noise), process, t = noise_inputs(2, device=device)
+@pytest.mark.parametrize("shape", image_shapes)
+@pytest.mark.parametrize("B", [1, 5])
+def test_q_sample_equals_reference(device, shape, B):
+    (x0, noise), process, t = noise_inputs(2, device=device, B=B, shape=shape)
     coefs = process.coef("sqrt_alpha_bar", t), process.coef("sqrt_one_minus_alpha_bar", t)
     assert torch.equal(ops.q_sample(x0, noise, *coefs), diffusion.q_sample_reference(x0, noise, *coefs))
 
@@ -225,9 +234,10 @@ samplers = {"ddpm": (ops.ddpm_step, diffusion.ddpm_step_reference),
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
-def test_sampler_step_equals_reference(device, clip, name):
+@pytest.mark.parametrize("shape", image_shapes)
+def test_sampler_step_equals_reference(device, clip, name, shape):
     # same operations in the same order, no fused multiply-adds: bitwise equal in fp32
-    images, process, t = noise_inputs(3, device=device)
+    images, process, t = noise_inputs(3, device=device, shape=shape)
     images[0] = images[0] * 3  # x_t: some predicted x0 fall outside [-1, 1], so clipping matters
     kernel, reference = samplers[name]
     coefs = sampler_coefs(name, process, t)
@@ -239,8 +249,9 @@ def test_sampler_step_equals_reference(device, clip, name):
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("name", ["q_sample", "ddpm", "ddim"])
-def test_noise_steps_bf16_close_to_reference(device, name):
-    images, process, t = noise_inputs(3, dtype=torch.bfloat16, device=device)
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 5, 7)])
+def test_noise_steps_bf16_close_to_reference(device, name, shape):
+    images, process, t = noise_inputs(3, dtype=torch.bfloat16, device=device, shape=shape)
     if name == "q_sample":
         args = images[:2] + [process.coef("sqrt_alpha_bar", t), process.coef("sqrt_one_minus_alpha_bar", t)]
         got, want = ops.q_sample(*args), diffusion.q_sample_reference(*(a.float() for a in args))

@@ -1,7 +1,7 @@
 // The CPU loops of the three noise steps, compiled twice like attention_kernels.h (see cpu_capability.h):
 // by noise_steps.cpp for AVX2 and by kernels_avx512.cpp for AVX-512. They are passes over memory, at the
-// speed of a one-op PyTorch kernel with the same traffic (make bench); 16-float vectors bring them the last
-// 5-10% of the way there, most for DDIM's division.
+// speed of a one-op PyTorch kernel with the same traffic (make bench); on an AVX-512 CPU the 16-float
+// build is what gets them there (the AVX2 one ran the samplers 5-10% slower, BENCHMARKS.md).
 //
 // Images are (B, M) contiguous float32 or bfloat16; each coefficient is float32 (B,), one per sample, so a
 // batch may mix timesteps. The arithmetic repeats diffusion.py's reference formulas operation for operation

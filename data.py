@@ -39,7 +39,11 @@ def batches_dir(path):
     return None
 
 
-def online(host="pypi.org", port=443, timeout=3):
+CIFAR10_HOST = "www.cs.toronto.edu"  # where torchvision downloads the batches from
+
+
+def online(host, port=443, timeout=3):
+    """Whether host answers: a machine may reach its package index and nothing else."""
     try:
         socket.create_connection((host, port), timeout=timeout).close()
         return True
@@ -60,12 +64,16 @@ def find_data_dir(data_dir=""):
     if chosen and holds_images(chosen):
         return chosen
     target = chosen or "data"
-    if not online():
-        fail(f"no CIFAR-10 data in {target!r} and this machine is offline: put there {LAYOUTS}; "
-             f"or pass --data.data_dir=DIR (or set CIFAR10_DIR)")
+    where = f"put there {LAYOUTS}; or pass --data.data_dir=DIR (or set CIFAR10_DIR)"
+    if not online(CIFAR10_HOST):
+        fail(f"no CIFAR-10 data in {target!r} and this machine is offline ({CIFAR10_HOST} does not answer): {where}")
     import torchvision
     print(f"downloading CIFAR-10 into {target}/ ...")
-    torchvision.datasets.CIFAR10(target, train=True, download=True)
+    try:
+        torchvision.datasets.CIFAR10(target, train=True, download=True)
+    except (OSError, RuntimeError) as e:  # a dropped connection, an HTTP error, a corrupt archive
+        fail(f"downloading CIFAR-10 into {target!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+             f"{where}")
     return os.path.join(target, BATCHES)
 
 

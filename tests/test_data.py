@@ -58,7 +58,7 @@ def in_file_order(images, labels, names):
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     import data
-    monkeypatch.setattr(data, "online", lambda: False)
+    monkeypatch.setattr(data, "online", lambda host: False)
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
     monkeypatch.chdir(tmp_path)  # ./data and ../shared/data are searched relative to here
 
@@ -107,6 +107,22 @@ def test_missing_data_offline_is_a_one_line_error(offline, capsys):
     assert "'data'" in message and "offline" in message
     message = one_line_error(capsys, load_cifar10, "no/such/folder")
     assert "no/such/folder" in message and "offline" in message
+
+
+def test_a_failed_download_is_a_one_line_error(offline, monkeypatch, capsys):
+    """Online by the probe, but the download fails (a firewall that lets only the package index through)."""
+    import urllib.error
+
+    import data
+    import torchvision
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(data, "online", lambda host: host == data.CIFAR10_HOST)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", unreachable)
+    message = one_line_error(capsys, load_cifar10, "")
+    assert "'data'" in message and "URLError" in message and "--data.data_dir" in message
 
 
 # -----------------------------------------------------------------------------

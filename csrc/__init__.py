@@ -26,7 +26,7 @@ def _load():
             _fail(f"DIT_KERNELS=on but the csrc extension is not built or does not load ({e}); run make kernels")
         return None, "pure PyTorch (csrc extension not built: make kernels)"
     import torch  # loaded by ops already
-    return ops, f"csrc extension (CPU attention for {torch.backends.cpu.get_cpu_capability()})"
+    return ops, f"csrc extension (CPU kernels for {torch.backends.cpu.get_cpu_capability()})"
 
 
 extension, KERNELS_PATH = _load()

@@ -1,5 +1,5 @@
 # Every target works on a fresh clone: it sets up .venv first. Pass options through, e.g.
-#   make train ARGS="--training.batch_size=64"      make sample CHECKPOINT=model/best_model.pth
+#   make train ARGS="--training.batch_size=64"      make sample CHECKPOINT=outputs/cpu_2h/checkpoint.pth
 # With PyTorch already installed (a cluster's or a container's environment), name that interpreter and
 # no .venv is made: make test PY=python3
 PYTHON ?= python3
@@ -7,7 +7,8 @@ VENV_PY := .venv/bin/python
 PY ?= $(VENV_PY)
 ARGS ?=
 CONFIG ?= configs/cpu_2h.yaml
-CHECKPOINT ?= model/best_model.pth
+# what make train wrote last: train_ddp.py's best model, or the newest run of the CPU recipe
+CHECKPOINT ?= $(or $(shell ls -t model/best_model.pth outputs/*/checkpoint.pth 2>/dev/null | head -n 1),model/best_model.pth)
 NUM_SAMPLES ?= 5000
 PYTEST_ARGS ?=
 # torch guesses the CUDA toolkit from nvcc's location, which can be wrong; name it where it is standard
@@ -38,7 +39,7 @@ sample: setup
 	$(PY) sample.py --checkpoint $(CHECKPOINT) $(ARGS)
 
 eval: setup
-	$(PY) evaluate.py --checkpoint $(CHECKPOINT) --num-samples $(NUM_SAMPLES) $(ARGS)
+	$(PY) evaluate.py --checkpoint $(CHECKPOINT) --num-samples $(NUM_SAMPLES) --all-metrics $(ARGS)
 
 # the C++ (and, with a CUDA toolkit, CUDA) extension, built in place; scripts fall back to PyTorch without it
 kernels: setup

@@ -5,6 +5,7 @@ Score a checkpoint, a samples file, or every checkpoint of a training run.
     python evaluate.py --samples outputs/samples.npz --calculate-fid --calculate-is --calculate-kid
     python evaluate.py --checkpoints 'model/checkpoint_epoch_*.pth' --num-samples 5000 --calculate-fid
     python evaluate.py --train-classifier
+    python evaluate.py --checkpoint outputs/cpu_2h/checkpoint.pth --all-metrics    # what make eval runs
 
 FID, Inception Score (10 splits) and KID come from one pass of torch-fidelity's `inception-v3-compat`
 network, which reproduces the original TensorFlow numbers (resize included). Its weights (the
@@ -74,6 +75,15 @@ def statistics(features):
 # Inception features through torch-fidelity
 
 
+def inception_weights_at_hand(path):
+    """Whether the Inception weights can be had: the given or $FID_WEIGHTS file, torch's cache, or a download."""
+    path = path or os.environ.get("FID_WEIGHTS", "")
+    if path:
+        return os.path.isfile(path)
+    from data import online
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)) or online("github.com")
+
+
 def inception_weights(path):
     """The weights file to load, or None to let torch-fidelity use its cached or downloaded copy."""
     path = path or os.environ.get("FID_WEIGHTS", "")
@@ -81,9 +91,7 @@ def inception_weights(path):
         if not os.path.isfile(path):
             fail(f"Inception weights {path!r} do not exist (expected the file {INCEPTION_FILE})")
         return path
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
-    from data import online
-    if not os.path.isfile(cached) and not online("github.com"):
+    if not inception_weights_at_hand(None):
         fail(f"FID/IS/KID need the Inception weights and this machine is offline: pass --inception-weights PATH "
              f"or set FID_WEIGHTS=PATH to the file {INCEPTION_FILE} (pt_inception-2015-12-05-6726825d.pth)")
     return None
@@ -366,6 +374,9 @@ def parse_args(argv):
     parser.add_argument("--calculate-fid", action="store_true")
     parser.add_argument("--calculate-is", action="store_true")
     parser.add_argument("--calculate-kid", action="store_true")
+    parser.add_argument("--all-metrics", action="store_true",
+                        help="every metric this machine can compute: FID, IS and KID when the Inception weights are "
+                             "at hand, and the classifier metrics, training the classifier first if it is not cached")
     parser.add_argument("--ref", default=None, help="train | test | an .npz with mu, sigma (default train)")
     parser.add_argument("--inception-weights", help=f"{INCEPTION_FILE} (or set FID_WEIGHTS)")
     parser.add_argument("--train-classifier", action="store_true", help="train and cache the project's classifier")
@@ -402,6 +413,15 @@ def parse_args(argv):
         fail(f"--classifier-epochs={args.classifier_epochs} must be at least 1")
     if args.checkpoint and not os.path.isfile(args.checkpoint):  # before any long reference pass
         fail(f"checkpoint {args.checkpoint!r} does not exist")
+    if args.all_metrics:
+        if inception_weights_at_hand(args.inception_weights):
+            args.calculate_fid = args.calculate_is = args.calculate_kid = True
+        else:
+            print(f"--all-metrics: no Inception weights here (--inception-weights or FID_WEIGHTS={INCEPTION_FILE}), "
+                  "so no FID, IS or KID")
+        if not os.path.isfile(args.classifier) and not args.train_classifier:
+            print(f"--all-metrics: no classifier at {args.classifier}, training it first")
+            args.train_classifier = True
     if args.samples and not os.path.exists(args.samples):
         fail(f"samples {args.samples!r} do not exist")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

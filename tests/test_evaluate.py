@@ -232,6 +232,37 @@ def test_checkpoint_to_results_json_with_inception_and_classifier_metrics(worksp
     assert rescored["classifier_accuracy"] == pytest.approx(results["classifier_accuracy"])
 
 
+def test_all_metrics_offline_trains_the_classifier_then_scores_with_it(workspace, tmp_path, capsys, monkeypatch):
+    """make eval on a machine with no Inception weights and no classifier yet: the classifier metrics only."""
+    monkeypatch.delenv("FID_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights
+    monkeypatch.setattr("data.online", lambda host: False)
+    checkpoint = tiny_checkpoint(tmp_path / "best_model.pth")
+    classifier = tmp_path / "model" / "classifier.pth"
+    args = common_args(workspace, tmp_path)
+    args[args.index("--classifier") + 1] = str(classifier)
+    evaluate.main(["--checkpoint", checkpoint, "--num-samples", "10", "--all-metrics", "--classifier-epochs", "1"]
+                  + args)
+    assert "no FID, IS or KID" in capsys.readouterr().out
+    assert classifier.is_file()
+    with open(tmp_path / "evaluation_results.json") as f:
+        results = json.load(f)
+    assert results["fid_score"] is None and results["inception_score_mean"] is None
+    assert np.isfinite(results["classifier_accuracy"]) and np.isfinite(results["classifier_fid"])
+
+
+def test_all_metrics_asks_for_inception_metrics_when_the_weights_are_at_hand(workspace, tmp_path, monkeypatch):
+    monkeypatch.delenv("FID_WEIGHTS", raising=False)
+    checkpoint = tiny_checkpoint(tmp_path / "best_model.pth")
+    (tmp_path / "weights.pth").write_bytes(b"")
+    args = evaluate.parse_args(["--checkpoint", checkpoint, "--all-metrics", "--inception-weights",
+                                str(tmp_path / "weights.pth")] + common_args(workspace, tmp_path))
+    assert args.calculate_fid and args.calculate_is and args.calculate_kid
+    assert not args.train_classifier  # the workspace's classifier exists
+    args = evaluate.parse_args(["--checkpoint", checkpoint] + common_args(workspace, tmp_path))
+    assert not (args.calculate_fid or args.calculate_is or args.calculate_kid or args.train_classifier)
+
+
 @pytest.mark.slow
 def test_reference_statistics_are_computed_once_and_cached(tmp_path):
     data_dir = write_synthetic_cifar(str(tmp_path / "data"), num_train=10, num_test=5)

@@ -7,8 +7,9 @@ VENV_PY := .venv/bin/python
 PY ?= $(VENV_PY)
 ARGS ?=
 CONFIG ?= configs/cpu_2h.yaml
-# what make train wrote last: train_ddp.py's best model, or the newest run of the CPU recipe
-CHECKPOINT ?= $(or $(shell ls -t model/best_model.pth outputs/*/checkpoint.pth 2>/dev/null | head -n 1),model/best_model.pth)
+# what make train wrote last: train_ddp.py's latest or best model, or the newest run of the CPU recipe
+CHECKPOINT ?= $(or $(shell ls -t model/cifar10_dit_ckpt.pth model/best_model.pth outputs/*/checkpoint.pth 2>/dev/null \
+                | head -n 1),model/best_model.pth)
 NUM_SAMPLES ?= 5000
 PYTEST_ARGS ?=
 # torch guesses the CUDA toolkit from nvcc's location, which can be wrong; name it where it is standard

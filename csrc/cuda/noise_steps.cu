@@ -1,7 +1,7 @@
-// The three noise steps on CUDA, the twin of the CPU loops in noise_steps.cpp, which also holds the ops
-// themselves (checks, contiguous copies) and calls the launchers at the end of this file for CUDA
-// tensors. One thread per element, same formulas in the same order. __fmul_rn / __fadd_rn are never contracted into fused multiply-adds, so fp32 results
-// equal PyTorch's eager reference bitwise, as on the CPU.
+// The three noise steps on CUDA, the twin of the CPU loops in noise_kernels.h. noise_steps.cpp holds the ops
+// themselves (checks, contiguous copies) and calls the launchers at the end of this file for CUDA tensors.
+// One thread per element, the same formulas in the same order. __fmul_rn / __fadd_rn are never contracted
+// into fused multiply-adds, so fp32 results equal PyTorch's eager reference bitwise, as on the CPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,7 +30,7 @@ __global__ void q_sample_kernel(const scalar_t* x0, const scalar_t* noise, const
 }
 
 // c: sqrt_recip_alpha_bar, sqrt_recipm1_alpha_bar, then DDPM: mean_coef_x0, mean_coef_xt, sigma;
-// DDIM: sqrt_alpha_bar_prev, coef_eps, sigma. See noise_steps.cpp for the formulas.
+// DDIM: sqrt_alpha_bar_prev, coef_eps, sigma. See noise_kernels.h for the formulas.
 struct Coefs {
   const float* c[5];
 };

@@ -72,8 +72,8 @@ def find_data_dir(data_dir=""):
     try:
         torchvision.datasets.CIFAR10(target, train=True, download=True)
     except (OSError, RuntimeError) as e:  # a dropped connection, an HTTP error, a corrupt archive
-        fail(f"downloading CIFAR-10 into {target!r} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-             f"{where}")
+        first_line = str(e).partition("\n")[0][:200]  # may be empty; never an IndexError
+        fail(f"downloading CIFAR-10 into {target!r} failed ({type(e).__name__}: {first_line}): {where}")
     return os.path.join(target, BATCHES)
 
 

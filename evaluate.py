@@ -114,7 +114,8 @@ def build_inception(weights_path, device):
         return create_feature_extractor(EXTRACTOR, ["2048", "logits_unbiased"], cuda=device.startswith("cuda"),
                                         feature_extractor_weights_path=weights_path, verbose=False)
     except (RuntimeError, OSError, KeyError, ValueError) as e:  # a foreign or truncated file, a failed download
-        fail(f"cannot load the Inception weights {weights_path or INCEPTION_FILE!r}: {str(e).splitlines()[0][:200]}")
+        first_line = str(e).partition("\n")[0][:200]  # may be empty; never an IndexError
+        fail(f"cannot load the Inception weights {weights_path or INCEPTION_FILE!r}: {first_line}")
 
 
 class UInt8Images(torch.utils.data.Dataset):

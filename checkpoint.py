@@ -6,7 +6,6 @@ reads one goes through load_checkpoint / model_from_checkpoint, so a bad file is
 A checkpoint is a dict: model, ema, optimizer, step, epoch, config (the full dict), class_names, rng
 (CPU and CUDA generator states) and whatever else the writer adds (scaler, elapsed, ...).
 """
-import copy
 import os
 import random
 import tempfile
@@ -14,7 +13,7 @@ import tempfile
 import numpy as np
 import torch
 
-from config import check, fail
+from config import fail, load_config
 from model import build_model
 
 
@@ -51,7 +50,7 @@ def load_checkpoint(path, map_location="cpu"):
 def model_from_checkpoint(path, use_ema=True, map_location="cpu"):
     """(model in eval mode, config, checkpoint state) with the EMA weights unless use_ema is False."""
     state = load_checkpoint(path, map_location)
-    cfg = check(copy.deepcopy(state["config"]))
+    cfg = load_config(base=state["config"])  # keys added since the checkpoint was saved take their defaults
     model = build_model(cfg["model"])
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     try:

@@ -10,6 +10,9 @@ import sys
 import yaml
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
+# what a key meant before it existed, for configs saved in checkpoints older than the key: such a model was
+# trained on eps with plain MSE, whatever config.yaml's default is now
+LEGACY_VALUES = {"diffusion": {"prediction": "eps", "loss_weighting": "none", "zero_terminal_snr": False}}
 
 
 def fail(message):
@@ -58,7 +61,9 @@ def check(cfg):
     choices = {("model", "name"): ("dit", "unet"), ("model", "conditioning"): ("adaln", "token"),
                ("model", "pos_embed"): ("sincos", "learned"),
                ("diffusion", "noise_schedule"): ("linear", "cosine", "polynomial"),
-               ("sampling", "sampler"): ("ddpm", "ddim"), ("training", "precision"): ("auto", "fp32", "bf16")}
+               ("diffusion", "prediction"): ("eps", "v", "x0"), ("diffusion", "loss_weighting"): ("none", "min_snr"),
+               ("sampling", "sampler"): ("ddpm", "ddim", "dpm++2m"), ("sampling", "variance"): ("small", "large"),
+               ("training", "precision"): ("auto", "fp32", "bf16")}
     for (section, name), allowed in choices.items():
         if cfg[section][name] not in allowed:
             fail(f"{section}.{name}={cfg[section][name]!r} is not one of {', '.join(allowed)}")
@@ -85,6 +90,14 @@ def check(cfg):
         fail(f"beta_start={d['beta_start']}, beta_end={d['beta_end']}: expected 0 < beta_start <= beta_end < 1")
     if d["power"] <= 0:
         fail(f"power={d['power']} must be positive")
+    if d["zero_terminal_snr"] and d["prediction"] == "eps":
+        fail("zero_terminal_snr=True with prediction=eps: the noise says nothing of the image at alpha_bar_T = 0; "
+             "expected prediction v or x0")
+    if d["min_snr_gamma"] <= 0:
+        fail(f"min_snr_gamma={d['min_snr_gamma']} must be positive")
+    interval = cfg["sampling"]["guidance_interval"]
+    if interval and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
+        fail(f"sampling.guidance_interval={interval}: expected [] or [low, high] with 0 <= low < high")
     for section, name in (("training", "batch_size"), ("sampling", "batch_size"), ("sampling", "steps")):
         if cfg[section][name] < 1:
             fail(f"{section}.{name}={cfg[section][name]} must be at least 1")
@@ -100,6 +113,8 @@ def load_config(args=(), path=None, base=None):
         # keys added to config.yaml after base was saved take their defaults, so older checkpoints resume
         with open(DEFAULT_CONFIG) as f:
             cfg = yaml.safe_load(f)
+        for section, values in LEGACY_VALUES.items():
+            cfg[section].update({k: v for k, v in values.items() if k not in base.get(section, {})})
         for section, values in base.items():
             cfg.setdefault(section, {}).update(copy.deepcopy(values))
         return check(apply_overrides(cfg, args))

@@ -26,8 +26,14 @@ from diffusion import Diffusion
 # sampling
 
 
+def spacing_for(sampler):
+    """DPM-Solver++ steps evenly in log-SNR: evenly in t its second-order step overshoots on the linear
+    schedule, where the last steps span most of the log-SNR range (tests/test_diffusion.py measures it)."""
+    return "logsnr" if sampler == "dpm++2m" else "uniform"
+
+
 def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidance_scale=None, batch_size=None,
-                  generator=None, callback=None, progress=False):
+                  generator=None, callback=None, progress=False, guidance_interval=None, variance=None):
     """Images in [-1, 1] for the given labels (N,), drawn in batches; unset arguments come from
     cfg["sampling"]. callback(i, x, batch_index) sees each reverse step of each batch."""
     s = cfg["sampling"]
@@ -35,8 +41,10 @@ def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidan
     steps = steps or s["steps"]
     eta = s["eta"] if eta is None else eta
     guidance_scale = s["guidance_scale"] if guidance_scale is None else guidance_scale
+    guidance_interval = s["guidance_interval"] if guidance_interval is None else guidance_interval
+    variance = variance or s["variance"]
     batch_size = batch_size or s["batch_size"]
-    diffusion = Diffusion.from_config(cfg["diffusion"]).respace(steps)
+    diffusion = Diffusion.from_config(cfg["diffusion"]).respace(steps, spacing_for(sampler))
     m = cfg["model"]
     shape = (m["image_channels"], m["image_size"], m["image_size"])
     out = []
@@ -46,21 +54,24 @@ def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidan
         step_callback = None if callback is None else (lambda i, x, b=b: callback(i, x, b))
         out.append(diffusion.sample(model, (len(y),) + shape, y, sampler=sampler, eta=eta,
                                     guidance_scale=guidance_scale, clip_denoised=s["clip_denoised"],
-                                    null_class=m["num_classes"], generator=generator, callback=step_callback))
+                                    null_class=m["num_classes"], generator=generator, callback=step_callback,
+                                    guidance_interval=guidance_interval, variance=variance))
     return torch.cat(out) if out else torch.empty((0,) + shape)
 
 
 def save_class_grid(model, cfg, class_names, path, classes=None, per_class=10, generator=None, progress=False,
                     **options):
     """One row per class (all classes unless given), per_class samples each, rows labelled by name.
-    options are sample_images's: sampler, steps, eta, guidance_scale, batch_size."""
+    options are sample_images's: sampler, steps, eta, guidance_scale, guidance_interval, variance, batch_size."""
     device = next(model.parameters()).device
     classes = list(range(len(class_names))) if classes is None else classes
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
     images = sample_images(model, cfg, labels, generator=generator, progress=progress, **options)
     chosen = {**cfg["sampling"], **{k: v for k, v in options.items() if v is not None}}
     eta = f", eta {chosen['eta']:g}" if chosen["sampler"] == "ddim" and chosen["eta"] else ""
-    title = f"{chosen['sampler'].upper()}-{chosen['steps']}{eta}, guidance {chosen['guidance_scale']:g}"
+    interval = chosen["guidance_interval"]
+    interval = f" for sigma in ({interval[0]:g}, {interval[1]:g}]" if interval and chosen["guidance_scale"] != 1 else ""
+    title = f"{chosen['sampler'].upper()}-{chosen['steps']}{eta}, guidance {chosen['guidance_scale']:g}{interval}"
     save_grid(to_uint8(images).cpu(), path, nrow=per_class, row_labels=[class_names[c] for c in classes], title=title)
     return images
 
@@ -73,7 +84,8 @@ def save_timestep_grid(model, cfg, path, num_samples=10, num_snapshots=10, gener
     steps = kwargs.pop("steps", None) or cfg["sampling"]["steps"]
     kwargs.pop("batch_size", None)  # one batch of num_samples, so the snapshots line up
     steps = min(steps, cfg["diffusion"]["num_steps"])
-    num_steps = len(Diffusion.from_config(cfg["diffusion"]).respace(steps).timestep_map)
+    sampler = kwargs.get("sampler") or cfg["sampling"]["sampler"]
+    num_steps = len(Diffusion.from_config(cfg["diffusion"]).respace(steps, spacing_for(sampler)).timestep_map)
     keep = set(np.linspace(0, num_steps - 1, num_snapshots).round().astype(int).tolist())
     snapshots = []
 

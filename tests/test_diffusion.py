@@ -108,7 +108,7 @@ def test_guidance_combines_conditional_and_unconditional():
     model = lambda x, t, y: torch.where((y == null).view(-1, 1, 1, 1), -torch.ones_like(x), torch.ones_like(x))  # noqa: E731
     x, t, y = torch.zeros(2, 1, 2, 2), torch.tensor([3, 3]), torch.tensor([1, 4])
     for scale in (1.0, 3.0):
-        eps = d.predict_eps(model, x, t, y, scale, null)
+        eps = d.guided_prediction(model, x, t, y, scale, null)
         torch.testing.assert_close(eps, torch.full_like(x, -1 + scale * 2))
 
 

@@ -1,10 +1,13 @@
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from diffusion import (Diffusion, ddim_step_reference, ddpm_step_reference, get_beta_schedule, q_sample_reference)
+from conftest import ROOT
+from diffusion import (PREDICTIONS, Diffusion, ddim_step_reference, ddpm_step_reference, get_beta_schedule,
+                       q_sample_reference, rescale_zero_terminal_snr)
 
 T = 1000
 
@@ -137,3 +140,298 @@ def test_noise_step_references_agree_with_closed_forms():
                                + c[4].view(-1, 1, 1, 1) * noise, rtol=1e-5, atol=1e-5)
     clipped = ddpm_step_reference(x_t * 50, eps, noise, c[0], c[1], torch.ones(B), torch.zeros(B), torch.zeros(B), True)
     assert clipped.abs().max().item() <= 1.0
+
+
+# -----------------------------------------------------------------------------
+# the three targets, min-SNR and zero terminal SNR
+
+SCHEDULES = [("linear", False), ("cosine", False), ("polynomial", False), ("linear", True), ("cosine", True)]
+
+
+def process(schedule, zero_terminal_snr=False, steps=T, **kwargs):
+    betas = get_beta_schedule(schedule, steps)
+    return Diffusion(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas, **kwargs)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("schedule,zero_terminal_snr", SCHEDULES)
+def test_each_target_converts_back_to_the_x0_and_noise_it_came_from(prediction, schedule, zero_terminal_snr):
+    if zero_terminal_snr and prediction == "eps":
+        pytest.skip("eps says nothing of x0 at alpha_bar_T = 0 (config.py refuses it)")
+    d = process(schedule, zero_terminal_snr, prediction=prediction)
+    x0, noise = torch.rand(64, 3, 4, 4) * 2 - 1, torch.randn(64, 3, 4, 4)
+    t = torch.cat([torch.tensor([0, T - 1]), torch.randint(0, T, (62,))])
+    if zero_terminal_snr:
+        t = t.clamp(max=T - 2) if prediction == "eps" else t
+    x_t = d.q_sample(x0, t, noise)
+    x0_back, noise_back = d.predict_x0_eps(d.target(x0, noise, t), x_t, t)
+    # float32 round-off, times what the conversion amplifies it by: 1 / sqrt(alpha_bar) from eps to x0,
+    # 1 / sqrt(1 - alpha_bar) from x0 to eps
+    amplification = {"eps": d.sqrt_recip_alpha_bar, "x0": 1 / d.sqrt_one_minus_alpha_bar, "v": np.ones(T)}
+    tolerance = torch.tensor(1e-5 * np.maximum(amplification[prediction][t.numpy()], 1), dtype=torch.float32)
+    assert ((x0_back - x0).abs().amax(dim=(1, 2, 3)) < tolerance).all()
+    assert ((noise_back - noise).abs().amax(dim=(1, 2, 3)) < tolerance).all()
+
+
+def test_v_target_is_the_rotation_of_noise_and_image():
+    d = process("linear", prediction="v")
+    x0, noise, t = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4), torch.randint(0, T, (8,))
+    ab = np.cumprod(1 - get_beta_schedule("linear", T))[t.numpy()]
+    a, s = (torch.tensor(np.sqrt(c), dtype=torch.float32).view(-1, 1, 1, 1) for c in (ab, 1 - ab))
+    torch.testing.assert_close(d.target(x0, noise, t), a * noise - s * x0)
+    # |v|^2 = |eps|^2 + |x0|^2 per (eps, x0) pair, as for any rotation
+    torch.testing.assert_close(d.target(x0, noise, t).pow(2) + d.target(noise, -x0, t).pow(2),
+                               x0.pow(2) + noise.pow(2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_min_snr_loss_is_min_snr_gamma_times_the_x0_error(prediction):
+    """Whatever the target, the weighted loss is min(SNR, gamma) * mean (x0 - x0_pred)^2, computed here in
+    float64 from the betas."""
+    gamma = 5.0
+    d = process("cosine", prediction=prediction, loss_weighting="min_snr", min_snr_gamma=gamma)
+    x0, noise = torch.rand(200, 3, 4, 4) * 2 - 1, torch.randn(200, 3, 4, 4)
+    t = torch.arange(0, T, 5)
+    guess = torch.randn(200, 3, 4, 4)
+    loss, _ = d.training_losses(lambda x_t, model_t, y: guess, x0, None, t, noise)
+    ab = np.cumprod(1 - get_beta_schedule("cosine", T))[t.numpy()].reshape(-1, 1, 1, 1)
+    x_t = np.sqrt(ab) * x0.double().numpy() + np.sqrt(1 - ab) * noise.double().numpy()
+    g = guess.double().numpy()
+    x0_pred = {"eps": (x_t - np.sqrt(1 - ab) * g) / np.sqrt(ab), "x0": g,
+               "v": np.sqrt(ab) * x_t - np.sqrt(1 - ab) * g}[prediction]
+    snr = (ab / (1 - ab)).ravel()
+    expected = np.minimum(snr, gamma) * ((x0.double().numpy() - x0_pred) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=2e-3, atol=1e-6)
+    assert snr.min() < gamma < snr.max()  # both sides of the clip were exercised
+
+
+def test_unweighted_loss_is_the_plain_mse_on_the_target():
+    d = process("linear", prediction="v")
+    x0, noise, t = torch.rand(6, 3, 4, 4), torch.randn(6, 3, 4, 4), torch.randint(0, T, (6,))
+    loss, _ = d.training_losses(lambda x_t, model_t, y: torch.zeros_like(x_t), x0, None, t, noise)
+    torch.testing.assert_close(loss, d.target(x0, noise, t).pow(2).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "polynomial"])
+def test_zero_terminal_snr_keeps_the_start_ends_at_zero_and_is_affine_in_sqrt_alpha_bar(schedule):
+    betas = get_beta_schedule(schedule, T)
+    rescaled = rescale_zero_terminal_snr(betas)
+    before, after = np.sqrt(np.cumprod(1 - betas)), np.sqrt(np.cumprod(1 - rescaled))
+    assert after[-1] == 0 and after[0] == pytest.approx(before[0], rel=1e-12)
+    assert ((rescaled > 0) & (rescaled <= 1)).all() and rescaled[-1] == 1
+    slope, intercept = np.polyfit(before, after, 1)
+    np.testing.assert_allclose(after, slope * before + intercept, atol=1e-12)
+    assert (np.diff(after) < 0).all()
+
+
+# -----------------------------------------------------------------------------
+# the samplers on Gaussian data N(m, s^2), where the best predictor of every target is known exactly
+
+M, S = 0.2, 0.3
+
+
+def gaussian_model(d, m=M, s=S):
+    """The exact posterior-mean predictor of d's target for data N(m, s^2 I): E[x0 | x_t] is linear in x_t."""
+    alpha_bar = torch.tensor(d.alpha_bar, dtype=torch.float64)
+
+    def predict(x_t, t, y):
+        ab = alpha_bar[t].view(-1, *[1] * (x_t.dim() - 1))
+        a, sigma, x = ab.sqrt(), (1 - ab).sqrt(), x_t.double()
+        x0 = m + a * s ** 2 / (ab * s ** 2 + 1 - ab) * (x - a * m)
+        eps = (x - a * x0) / sigma
+        return {"eps": eps, "x0": x0, "v": a * eps - sigma * x0}[d.prediction].float()
+    return predict
+
+
+def draw(d, steps, sampler, n, seed=0, shape=(3, 4, 4), **kwargs):
+    spacing = "logsnr" if sampler == "dpm++2m" else "uniform"
+    return d.respace(steps, spacing).sample(gaussian_model(d), (n,) + shape, torch.zeros(n, dtype=torch.long),
+                                            sampler=sampler, clip_denoised=False,
+                                            generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("schedule,zero_terminal_snr", SCHEDULES[:2] + SCHEDULES[3:4])
+@pytest.mark.parametrize("sampler,steps,rms", [("ddim", T, 0.003), ("dpm++2m", 50, 0.003)])
+def test_deterministic_samplers_follow_the_exact_probability_flow(prediction, schedule, zero_terminal_snr,
+                                                                    sampler, steps, rms):
+    """For N(m, s^2) data the probability-flow ODE maps x_T to m + s (x_T - a_T m) / sqrt(a_T^2 s^2 + 1 - a_T^2):
+    each sample, not only the spread, must land there."""
+    if zero_terminal_snr and prediction == "eps":
+        pytest.skip("eps with zero terminal SNR is refused")
+    d = process(schedule, zero_terminal_snr, prediction=prediction)
+    n = 400
+    x_T = torch.randn((n, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    a_T = math.sqrt(d.alpha_bar[-1])
+    exact = M + S * (x_T - a_T * M) / math.sqrt(a_T ** 2 * S ** 2 + 1 - a_T ** 2)
+    out = draw(d, steps, sampler, n, eta=0.0)
+    assert (out - exact).pow(2).mean().sqrt().item() < rms
+    assert out.std().item() == pytest.approx(exact.std().item(), rel=0.01)
+
+
+def test_ddpm_marginals_follow_the_forward_process():
+    """Each intermediate x_t of DDPM-1000 has the forward process's marginal N(sqrt(ab) m, ab s^2 + 1 - ab)."""
+    d = process("linear")
+    n = 2500
+    seen = {}
+    d.sample(gaussian_model(d), (n, 2, 4, 4), torch.zeros(n, dtype=torch.long), sampler="ddpm", clip_denoised=False,
+             generator=torch.Generator().manual_seed(1), callback=lambda i, x: seen.update({T - 2 - i: x.clone()}))
+    for t in (900, 600, 300, 100, 20):
+        ab = d.alpha_bar[t]
+        assert seen[t].mean().item() == pytest.approx(math.sqrt(ab) * M, abs=0.01)
+        assert seen[t].var().item() == pytest.approx(ab * S ** 2 + 1 - ab, rel=0.02)
+    final = seen[-1]
+    assert final.mean().item() == pytest.approx(M, abs=0.005)
+    assert final.std().item() == pytest.approx(S, rel=0.02)  # fixed-small variance: 1.2% short at 1000 steps
+
+
+def closed_form_std(d, steps, sampler, eta=0.0, variance="small", m=M, s=S):
+    """(mean, std) of a DDPM or DDIM sample for N(m, s^2) data, propagated exactly through the affine steps
+    in float64 from the betas alone: each step is x' = A x + c + sigma n."""
+    r = d.respace(steps)
+    ab_all = np.cumprod(1 - d.betas)
+    ab = ab_all[r.timestep_map]
+    ab_prev = np.append(1.0, ab[:-1])
+    mean, var = 0.0, 1.0
+    for i in range(len(ab) - 1, -1, -1):
+        a, sigma_t = math.sqrt(ab[i]), math.sqrt(1 - ab[i])
+        k = a * s ** 2 / (ab[i] * s ** 2 + 1 - ab[i])  # x0_pred = m + k (x_t - a m)
+        x0_slope, x0_offset = k, m - k * a * m
+        if sampler == "ddpm":
+            beta = 1 - ab[i] / ab_prev[i]
+            c0 = math.sqrt(ab_prev[i]) * beta / (1 - ab[i])
+            ct = math.sqrt(1 - beta) * (1 - ab_prev[i]) / (1 - ab[i])
+            noise_var = 0.0 if i == 0 else (beta * (1 - ab_prev[i]) / (1 - ab[i]) if variance == "small" else beta)
+            slope, offset = c0 * x0_slope + ct, c0 * x0_offset
+        else:
+            noise_var = eta ** 2 * (1 - ab_prev[i]) / (1 - ab[i]) * (1 - ab[i] / ab_prev[i])
+            ce = math.sqrt(max(1 - ab_prev[i] - noise_var, 0.0))
+            eps_slope, eps_offset = (1 - a * x0_slope) / sigma_t, -a * x0_offset / sigma_t
+            slope = math.sqrt(ab_prev[i]) * x0_slope + ce * eps_slope
+            offset = math.sqrt(ab_prev[i]) * x0_offset + ce * eps_offset
+        mean, var = slope * mean + offset, slope ** 2 * var + noise_var
+    return mean, math.sqrt(var)
+
+
+STOCHASTIC = [("ddpm", 7, {}), ("ddpm", 100, {}), ("ddpm", 50, {"variance": "large"}), ("ddim", 50, {"eta": 1.0}),
+              ("ddim", 13, {"eta": 0.5}), ("ddim", 50, {"eta": 0.0})]
+
+
+def mismatch(d, sampler, steps, options, n=20000):
+    """How many standard errors the sampled std lies from the closed form."""
+    out = draw(d, steps, sampler, n, shape=(1, 2, 2), **options)
+    _, expected = closed_form_std(d, steps, sampler, **options)
+    return abs(out.std().item() - expected) / (expected / math.sqrt(2 * out.numel()))
+
+
+@pytest.mark.parametrize("sampler,steps,options", STOCHASTIC)
+def test_ddpm_and_ddim_spread_equals_its_closed_form_at_any_step_count(sampler, steps, options):
+    assert mismatch(process("linear"), sampler, steps, options) < 4.5
+
+
+@pytest.mark.parametrize("table,factor,sampler,options", [
+    ("posterior_variance", 1.1, "ddpm", {}), ("posterior_mean_coef_x0", 1.01, "ddpm", {}),
+    ("betas", 1.1, "ddpm", {"variance": "large"}), ("sqrt_recipm1_alpha_bar", 1.01, "ddim", {"eta": 1.0}),
+    ("alpha_bar", 1.01, "ddim", {"eta": 1.0})])
+def test_the_closed_form_check_catches_a_perturbed_coefficient(monkeypatch, table, factor, sampler, options):
+    original = Diffusion.respace
+
+    def perturbed(self, steps, spacing="uniform"):
+        r = original(self, steps, spacing)
+        setattr(r, table, getattr(r, table) * factor)
+        return r
+    monkeypatch.setattr(Diffusion, "respace", perturbed)
+    assert mismatch(process("linear"), sampler, 50, options) > 6
+
+
+def test_todays_50_step_samplers_shrink_the_spread_of_a_perfect_model():
+    """DDIM-50 (eta 0: 0.275, eta 1: 0.252) and DDPM-100 (0.272) lose 8-16% of the data's std 0.3 even with
+    the exact predictor; DPM-Solver++(2M) at 20 log-SNR steps keeps it within 2%."""
+    d = process("linear")
+    assert closed_form_std(d, 50, "ddim", eta=0.0)[1] == pytest.approx(0.275, abs=0.002)
+    assert closed_form_std(d, 50, "ddim", eta=1.0)[1] == pytest.approx(0.252, abs=0.002)
+    assert closed_form_std(d, 100, "ddpm")[1] == pytest.approx(0.272, abs=0.002)
+    assert draw(d, 20, "dpm++2m", 2000).std().item() == pytest.approx(S, rel=0.02)
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "configs/cpu_2h.yaml"])
+def test_the_default_sampler_reproduces_the_data_spread(preset):
+    from config import load_config
+    cfg = load_config(["--config", os.path.join(ROOT, preset)])
+    s, dc = cfg["sampling"], cfg["diffusion"]
+    d = Diffusion.from_config(dc)
+    out = draw(d, s["steps"], s["sampler"], 4000, eta=s["eta"], variance=s["variance"])
+    assert out.std().item() == pytest.approx(S, rel=0.02), (s["sampler"], s["steps"], dc["noise_schedule"])
+    assert out.mean().item() == pytest.approx(M, abs=0.02 * S)
+
+
+def test_logsnr_spacing_is_even_in_log_snr_and_keeps_both_ends():
+    d = process("linear")
+    r = d.respace(20, "logsnr")
+    assert r.timestep_map[0] == 0 and r.timestep_map[-1] == T - 1 and len(r.timestep_map) == 20
+    lam = 0.5 * np.log(r.alpha_bar / (1 - r.alpha_bar))
+    gaps = -np.diff(lam)
+    assert gaps.max() < 1.3 * gaps.mean() and (gaps > 0).all()
+    with pytest.raises(ValueError, match="quadratic"):
+        d.respace(20, "quadratic")
+
+
+# -----------------------------------------------------------------------------
+# guidance and the eps path of old checkpoints
+
+
+def test_guidance_interval_guides_only_inside_it():
+    d = process("linear").respace(20)
+    batches = []
+
+    def model(x, t, y):
+        batches.append((len(x), int(t[0])))
+        return torch.zeros_like(x)
+    interval = (0.5, 3.0)
+    d.sample(model, (2, 1, 2, 2), torch.zeros(2, dtype=torch.long), sampler="ddim", guidance_scale=3.0,
+             null_class=10, guidance_interval=interval)
+    full_ab = process("linear").alpha_bar
+    for size, t in batches:
+        sigma = math.sqrt((1 - full_ab[t]) / full_ab[t])
+        assert size == (4 if interval[0] < sigma <= interval[1] else 2), (t, sigma)
+    assert {size for size, _ in batches} == {2, 4}
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_guiding_any_target_is_guiding_x0(prediction):
+    d = process("cosine", prediction=prediction)
+    null = 10
+    cond, uncond = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
+    model = lambda x, t, y: torch.where((y == null).view(-1, 1, 1, 1), uncond.repeat(len(x) // 2, 1, 1, 1)[:len(x)],  # noqa: E731
+                                        cond.repeat(len(x) // 2, 1, 1, 1)[:len(x)])
+    x, t, y = torch.randn(2, 3, 2, 2), torch.tensor([400, 400]), torch.tensor([1, 2])
+    guided = d.predict_x0_eps(d.guided_prediction(model, x, t, y, 2.5, null), x, t)[0]
+    x0_cond, x0_uncond = d.predict_x0_eps(cond, x, t)[0], d.predict_x0_eps(uncond, x, t)[0]
+    torch.testing.assert_close(guided, x0_uncond + 2.5 * (x0_cond - x0_uncond), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_eps_models_sample_exactly_as_the_plain_eps_loop(sampler, eta):
+    """The loop as it was before targets existed, written out with the reference steps: an eps checkpoint
+    draws bit for bit the same images."""
+    d = process("linear").respace(25)
+    model = lambda x, t, y: torch.sin(3 * x + t.view(-1, 1, 1, 1) / 100)  # noqa: E731
+    y = torch.zeros(3, dtype=torch.long)
+    got = d.sample(model, (3, 3, 4, 4), y, sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((3, 3, 4, 4), generator=g)
+    for step in range(d.num_steps - 1, -1, -1):
+        t = torch.full((3,), step)
+        eps = model(x, d.model_timesteps(t), y)
+        noise = torch.randn((3, 3, 4, 4), generator=g)
+        c = lambda name: d.coef(name, t)  # noqa: E731
+        if sampler == "ddpm":
+            x = ddpm_step_reference(x, eps, noise, c("sqrt_recip_alpha_bar"), c("sqrt_recipm1_alpha_bar"),
+                                    c("posterior_mean_coef_x0"), c("posterior_mean_coef_xt"),
+                                    c("posterior_variance").sqrt() * (t > 0), True)
+        else:
+            ab, ab_prev = c("alpha_bar"), c("alpha_bar_prev")
+            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+            x = ddim_step_reference(x, eps, noise, c("sqrt_recip_alpha_bar"), c("sqrt_recipm1_alpha_bar"),
+                                    ab_prev.sqrt(), (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt(), sigma, True)
+    torch.testing.assert_close(got, x, atol=2e-6, rtol=0)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from config import fail, load_config
+from sample import parse_guidance_interval
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # also distributed as pt_inception-2015-12-05-6726825d.pth
 EXTRACTOR = "inception-v3-compat"
@@ -163,6 +164,17 @@ def reference_statistics(ref, extractor, weights_path, args):
     return {"mu": mu, "sigma": sigma, "kid_features": features.numpy()[np.sort(keep)]}
 
 
+def colour_statistics(images_nhwc):
+    """What the eye sees first in samples, on the 0-255 scale: the share of channel values at 0 or 255 (clipped),
+    each channel's mean and std over the whole set, and the std of each channel within one image averaged over
+    images and channels (low: flat images). CIFAR-10's test images: 1.2%, std about 64 and 51 within an image."""
+    x = np.asarray(images_nhwc)
+    values = x.reshape(len(x), -1, x.shape[-1]).astype(np.float64)
+    return {"clipped_fraction": float(((x == 0) | (x == 255)).mean()),
+            "channel_mean": values.mean(axis=(0, 1)).tolist(), "channel_std": values.std(axis=(0, 1)).tolist(),
+            "within_image_std": float(values.std(axis=1).mean())}
+
+
 # -----------------------------------------------------------------------------
 # one evaluation: samples in, a dict of metrics out
 
@@ -176,8 +188,9 @@ def draw_samples(checkpoint, args, samples_path):
     labels = torch.arange(args.num_samples, device=args.device) % cfg["model"]["num_classes"]
     s = cfg["sampling"]
     options = dict(sampler=args.sampler or s["sampler"], steps=args.steps or s["steps"],
-                   eta=s["eta"] if args.eta is None else args.eta,
-                   guidance_scale=s["guidance_scale"] if args.guidance_scale is None else args.guidance_scale)
+                   eta=s["eta"] if args.eta is None else args.eta, variance=args.variance or s["variance"],
+                   guidance_scale=s["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
+                   guidance_interval=s["guidance_interval"] if args.guidance_interval is None else args.guidance_interval)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
     started = time.time()
@@ -192,7 +205,7 @@ def draw_samples(checkpoint, args, samples_path):
 
 def score(images, labels, metrics, class_names):
     """All requested metrics of uint8 NHWC images; labels (or None) are the classes they were drawn for."""
-    out, timing = {}, {}
+    out, timing = {"colour": colour_statistics(images)}, {}
     if metrics["inception"] is not None:
         started = time.time()
         extractor, reference, args = metrics["inception"]
@@ -244,6 +257,15 @@ def real_vs_fake(images, labels, args, path, class_names, per_class=5):
     save_grid(torch.cat(rows), path, nrow=2 * per_class,
               row_labels=[class_names[c] for c in classes] if labels is not None else None,
               title=f"real CIFAR-10 test images (left {per_class}) vs generated (right {per_class})")
+
+
+def real_colour_statistics(args):
+    """colour_statistics of CIFAR-10's test images, or None where no data directory is found."""
+    from data import SEARCHED, batches_dir, holds_images, load_cifar10
+    chosen = args.data_dir or os.environ.get("CIFAR10_DIR", "")
+    if not any(batches_dir(c) or holds_images(c) for c in ([chosen] if chosen else SEARCHED)):
+        return None
+    return colour_statistics(load_cifar10(chosen, "test")[0].permute(0, 2, 3, 1).numpy())
 
 
 def warn_if_biased(num_samples, args):
@@ -347,6 +369,97 @@ def run_ablation(args, metrics, class_names):
 
 
 # -----------------------------------------------------------------------------
+# a comparison: several checkpoints, each at several sampler settings ("cells"), one table
+
+COMPARE_COLUMNS = ["run", "step", "cell", "num_samples", "classifier_accuracy", "classifier_fid", "clipped_fraction",
+                   "channel_mean", "channel_std", "within_image_std", "samples_per_s", "checkpoint"]
+
+
+def parse_cell(text):
+    """A sampler setting written as SAMPLER-STEPS[-etaE][-gG][-iLOW:HIGH][-large], e.g. ddim-50-eta1-g3 or
+    dpm++2m-20-g3-i0.3:5, as the options of draw_samples."""
+    sampler, _, rest = text.partition("-")
+    parts = rest.split("-")
+    try:
+        cell = {"sampler": sampler, "steps": int(parts[0]), "eta": 0.0, "guidance_scale": 1.0, "guidance_interval": [],
+                "variance": "small"}
+        for part in parts[1:]:
+            if part.startswith("eta"):
+                cell["eta"] = float(part[3:])
+            elif part.startswith("g"):
+                cell["guidance_scale"] = float(part[1:])
+            elif part.startswith("i"):
+                cell["guidance_interval"] = [float(v) for v in part[1:].split(":")]
+            elif part in ("small", "large"):
+                cell["variance"] = part
+            else:
+                raise ValueError(part)
+    except (ValueError, IndexError):
+        fail(f"--cells: {text!r} is not SAMPLER-STEPS[-etaE][-gG][-iLOW:HIGH][-large], like ddim-50-eta1-g3")
+    if sampler not in ("ddpm", "ddim", "dpm++2m") or cell["steps"] < 1:
+        fail(f"--cells: {text!r}: expected a sampler of ddpm, ddim, dpm++2m and at least 1 step")
+    return cell
+
+
+def write_compare_table(csv_path):
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    with open(csv_path.removesuffix(".csv") + ".md", "w") as f:
+        f.write("| run | step | cell | samples | accuracy | classifier FID | clipped | channel mean | channel std "
+                "| std within an image | samples/s |\n|" + "---|" * 11 + "\n")
+        for r in rows:
+            f.write(f"| {r['run']} | {r['step']} | {r['cell']} | {r['num_samples']} | "
+                    f"{100 * float(r['classifier_accuracy']):.1f}% | {float(r['classifier_fid']):.1f} | "
+                    f"{100 * float(r['clipped_fraction']):.1f}% | {r['channel_mean']} | {float(r['channel_std']):.1f} | "
+                    f"{float(r['within_image_std']):.1f} | {float(r['samples_per_s']):.2f} |\n")
+        f.write(f"\naccuracy and classifier FID are the {OWN_METRICS_NOTE}; colour statistics on the 0-255 scale.\n")
+
+
+def run_compare(args, metrics, class_names):
+    """Every checkpoint at every cell, appended row by row to compare.csv (an interrupted comparison keeps
+    its rows and resumes), with compare.md and a class grid per row (10 of each class, from the same samples)."""
+    from data import save_grid
+    if metrics["classifier"] is None:
+        fail("--compare needs the project's classifier: python evaluate.py --train-classifier")
+    cells = [(text, parse_cell(text)) for text in args.cells.split(",")]
+    csv_path = os.path.join(args.output_dir, "compare.csv")
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not os.path.isfile(csv_path):
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(COMPARE_COLUMNS)
+    with open(csv_path) as f:
+        done = {(r["checkpoint"], r["cell"], r["num_samples"]) for r in csv.DictReader(f)}
+    for checkpoint in args.compare:
+        run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint)))
+        for text, cell in cells:
+            if (checkpoint, text, str(args.num_samples)) in done:
+                continue
+            for key, value in cell.items():
+                setattr(args, key, value)
+            name = f"{run}_{text}".replace("+", "p").replace(":", "_")
+            images, labels, info = draw_samples(checkpoint, args, os.path.join(args.output_dir, "samples", f"{name}.npz"))
+            results, _ = score(images, labels, metrics, class_names)
+            colour = results["colour"]
+            row = {"run": run, "step": info["step"], "cell": text, "num_samples": len(images),
+                   "classifier_accuracy": results["classifier_accuracy"], "classifier_fid": results["classifier_fid"],
+                   "clipped_fraction": colour["clipped_fraction"],
+                   "channel_mean": "/".join(f"{v:.0f}" for v in colour["channel_mean"]),
+                   "channel_std": float(np.mean(colour["channel_std"])), "within_image_std": colour["within_image_std"],
+                   "samples_per_s": info["samples_per_s"], "checkpoint": checkpoint}
+            with open(csv_path, "a", newline="") as f:
+                csv.DictWriter(f, COMPARE_COLUMNS).writerow(row)
+            write_compare_table(csv_path)
+            per_class = [np.flatnonzero(labels == c)[:10] for c in range(len(class_names))]
+            grid = torch.from_numpy(np.ascontiguousarray(images[np.concatenate(per_class)])).permute(0, 3, 1, 2)
+            save_grid(grid, os.path.join(args.output_dir, "grids", f"{name}.png"), nrow=10, row_labels=class_names,
+                      title=f"{run} (step {info['step']}), {text}")
+            print(f"{run} {text}: accuracy {row['classifier_accuracy']:.4f}, classifier FID "
+                  f"{row['classifier_fid']:.1f}, {100 * row['clipped_fraction']:.1f}% clipped, channel std "
+                  f"{row['channel_std']:.1f}, within an image {row['within_image_std']:.1f}")
+    print(f"wrote {csv_path} and {csv_path.removesuffix('.csv')}.md")
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -371,6 +484,10 @@ def parse_args(argv):
     source.add_argument("--checkpoint", help="sample from this checkpoint, then score the samples")
     source.add_argument("--checkpoints", help="a glob of a run's checkpoints: the epoch-by-epoch ablation")
     source.add_argument("--samples", help="an existing samples .npz or folder of PNGs")
+    source.add_argument("--compare", nargs="+", metavar="CHECKPOINT",
+                        help="several checkpoints, each sampled at every --cells setting: one table, compare.md")
+    parser.add_argument("--cells", default="ddim-50-eta1-g3,dpm++2m-20-g3",
+                        help="with --compare: comma-separated SAMPLER-STEPS[-etaE][-gG][-iLOW:HIGH][-large]")
     parser.add_argument("--num-samples", type=int)
     parser.add_argument("--calculate-fid", action="store_true")
     parser.add_argument("--calculate-is", action="store_true")
@@ -383,10 +500,13 @@ def parse_args(argv):
     parser.add_argument("--train-classifier", action="store_true", help="train and cache the project's classifier")
     parser.add_argument("--classifier", default=os.path.join("model", "cifar10_classifier.pth"))
     parser.add_argument("--classifier-epochs", type=int, help="default: 10 on CPU, 16 on a GPU")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"])
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
     parser.add_argument("--steps", type=int)
     parser.add_argument("--eta", type=float)
+    parser.add_argument("--variance", choices=["small", "large"], help="DDPM's noise: the posterior's or beta_t")
     parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--guidance-interval", type=parse_guidance_interval, metavar="LOW,HIGH",
+                        help="guide only at noise levels sqrt((1 - alpha_bar) / alpha_bar) in (LOW, HIGH]; 'all': everywhere")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -396,11 +516,11 @@ def parse_args(argv):
     parser.add_argument("--output-dir", default="outputs")
     parser.add_argument("--cache-dir", default="model", help="where reference statistics are cached")
     args = parser.parse_args(argv)
-    sources = [name for name in ("checkpoint", "checkpoints", "samples") if getattr(args, name)]
+    sources = [name for name in ("checkpoint", "checkpoints", "samples", "compare") if getattr(args, name)]
     if len(sources) > 1:
         fail(f"--{sources[0]} and --{sources[1]} both given: expected one thing to score")
     if not sources and not args.train_classifier:
-        fail("nothing to do: expected --checkpoint, --checkpoints, --samples or --train-classifier")
+        fail("nothing to do: expected --checkpoint, --checkpoints, --samples, --compare or --train-classifier")
     evaluation = load_config([])["evaluation"]
     args.num_samples = evaluation["num_samples"] if args.num_samples is None else args.num_samples
     args.batch_size = args.batch_size or evaluation["batch_size"]
@@ -437,7 +557,7 @@ def main(argv):
     print(f"kernels: {KERNELS_PATH}, device {args.device}")
     if args.train_classifier:
         train_and_cache_classifier(args)
-        if not (args.checkpoint or args.checkpoints or args.samples):
+        if not (args.checkpoint or args.checkpoints or args.samples or args.compare):
             return
 
     # everything that can fail is checked before any sampling: weights, reference statistics, classifier
@@ -464,6 +584,11 @@ def main(argv):
     if args.checkpoints:
         warn_if_biased(args.num_samples, args)
         return run_ablation(args, metrics, class_names)
+    if args.compare:
+        from checkpoint import load_checkpoint
+        for path in args.compare:
+            load_checkpoint(path)  # every checkpoint readable before the first long sampling run
+        return run_compare(args, metrics, class_names)
     if args.samples:
         from sample import read_samples
         images, labels = read_samples(args.samples)
@@ -487,6 +612,7 @@ def main(argv):
               "classifier_accuracy_per_class": results.get("classifier_accuracy_per_class"),
               "classifier_fid": results.get("classifier_fid"),
               "classifier_test_accuracy": metrics["classifier"][1]["test_accuracy"] if metrics["classifier"] else None,
+              "colour": results["colour"], "colour_real_test": real_colour_statistics(args),
               "timing": {**{k: info[k] for k in ("sampling_s", "samples_per_s") if k in info}, **timing,
                          "total_s": time.time() - started}}
     os.makedirs(args.output_dir, exist_ok=True)
@@ -501,6 +627,11 @@ def main(argv):
         accuracy = report["classifier_accuracy"]
         print(f"classifier FID (test set): {report['classifier_fid']:.4f}" + (
             f", classifier accuracy {accuracy:.4f}" if accuracy is not None else "") + f"  [{OWN_METRICS_NOTE}]")
+    colour, real = report["colour"], report["colour_real_test"]
+    print(f"colour: {100 * colour['clipped_fraction']:.1f}% clipped, channel std "
+          f"{np.mean(colour['channel_std']):.1f}, within an image {colour['within_image_std']:.1f}" + (
+              f" (real test images: {100 * real['clipped_fraction']:.1f}%, {np.mean(real['channel_std']):.1f}, "
+              f"{real['within_image_std']:.1f})" if real else ""))
     print(f"wrote {json_path}")
 
 

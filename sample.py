@@ -1,9 +1,10 @@
 """
-Draw images from a checkpoint (EMA weights by default) with the DDPM or DDIM sampler, respaced to any
-number of steps, with classifier-free guidance. Writes the class grid, the timestep grid, and optionally
-a samples file for evaluate.py:
+Draw images from a checkpoint (EMA weights by default) with the DDPM, DDIM or DPM-Solver++(2M) sampler,
+respaced to any number of steps, with classifier-free guidance. Writes the class grid, the timestep grid,
+and optionally a samples file for evaluate.py:
 
     python sample.py --checkpoint model/best_model.pth --sampler ddim --steps 50 --guidance_scale 2
+    python sample.py --checkpoint model/best_model.pth --sampler dpm++2m --steps 20 --guidance_interval 0.3,5
     python sample.py --checkpoint model/best_model.pth --num_samples 50000 --out samples.npz
     python sample.py --checkpoint model/best_model.pth --num_samples 100 --out samples/
 
@@ -159,6 +160,20 @@ def read_samples(path):
 # command line
 
 
+def parse_guidance_interval(text):
+    """--guidance_interval LOW,HIGH as [low, high]; all (or an empty value) is [], guidance everywhere."""
+    if text.strip().lower() in ("", "all"):
+        return []
+    try:
+        interval = [float(v) for v in text.split(",")]
+    except ValueError:
+        interval = None
+    if not interval or len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+        fail(f"--guidance_interval={text!r}: expected LOW,HIGH with 0 <= LOW < HIGH (noise levels "
+             f"sqrt((1 - alpha_bar) / alpha_bar), e.g. 0.3,5), or all")
+    return interval
+
+
 def parse_classes(text, num_classes):
     if text == "all":
         return list(range(num_classes))
@@ -177,10 +192,13 @@ def main(argv=None):
     parser.error = fail  # one line, exit status 2, instead of argparse's usage block
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"])
-    parser.add_argument("--steps", type=int, help="respaced steps, e.g. 1000, 250, 50")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
+    parser.add_argument("--steps", type=int, help="respaced steps, e.g. 1000, 250, 50, 20")
     parser.add_argument("--eta", type=float)
+    parser.add_argument("--variance", choices=["small", "large"], help="DDPM's noise: the posterior's or beta_t")
     parser.add_argument("--guidance_scale", type=float, help="classifier-free guidance; 1.0 is none")
+    parser.add_argument("--guidance_interval", type=parse_guidance_interval, metavar="LOW,HIGH",
+                        help="guide only at noise levels sqrt((1 - alpha_bar) / alpha_bar) in (LOW, HIGH]; 'all': everywhere")
     parser.add_argument("--classes", default="all", help="comma-separated class ids, or all")
     parser.add_argument("--per_class", type=int, default=10)
     parser.add_argument("--num_samples", type=int, default=0, help="with --out: this many samples, classes cycling")
@@ -205,7 +223,7 @@ def main(argv=None):
     names = state.get("class_names") or [str(i) for i in range(cfg["model"]["num_classes"])]
     classes = parse_classes(args.classes, cfg["model"]["num_classes"])
     options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                   batch_size=args.batch_size)
+                   guidance_interval=args.guidance_interval, variance=args.variance, batch_size=args.batch_size)
     print(f"{args.checkpoint}: step {state.get('step', '?')}, {'raw' if args.no_ema else 'EMA'} weights, "
           f"kernels: {KERNELS_PATH}, device {args.device}")
     generator = torch.Generator(args.device).manual_seed(args.seed)

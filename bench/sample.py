@@ -21,7 +21,7 @@ from config import fail, load_config  # noqa: E402
 from model import build_model, model_summary  # noqa: E402
 from sample import sample_images  # noqa: E402
 
-RUNS = [("ddpm", 1000), ("ddpm", 250), ("ddim", 50)]
+RUNS = [("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("dpm++2m", 20)]
 
 
 def seconds_per_step(model, cfg, labels, sampler, guidance_scale, timed_steps, device):
@@ -55,15 +55,15 @@ def main(argv):
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     print(f"{model_summary(model, cfg['model'])}\ndevice: {device_name} | kernels: {KERNELS_PATH} | batch {batch_size}")
     labels = torch.arange(batch_size, device=args.device) % cfg["model"]["num_classes"]
-    print(f"{'sampler':<10}{'guidance':>9}{'s/step':>10}{'images/s':>10}{'s/image':>10}")
+    print(f"{'sampler':<11}{'guidance':>9}{'s/step':>10}{'images/s':>10}{'s/image':>10}")
     per_step = {}
     for guidance_scale in (1.0, 2.0):
-        for sampler in ("ddpm", "ddim"):
+        for sampler in ("ddpm", "ddim", "dpm++2m"):
             per_step[sampler, guidance_scale] = seconds_per_step(model, cfg, labels, sampler, guidance_scale,
                                                                  args.timed_steps, args.device)
         for sampler, steps in RUNS:
             seconds = per_step[sampler, guidance_scale] * steps
-            print(f"{sampler.upper() + '-' + str(steps):<10}{guidance_scale:>9g}{per_step[sampler, guidance_scale]:>10.3f}"
+            print(f"{sampler.upper() + '-' + str(steps):<11}{guidance_scale:>9g}{per_step[sampler, guidance_scale]:>10.3f}"
                   f"{batch_size / seconds:>10.3f}{seconds / batch_size:>10.2f}")
     if args.device == "cuda":
         batches = -(-50000 // batch_size)

@@ -92,6 +92,10 @@ def test_a_value_of_the_wrong_type_is_a_one_line_error(capsys, arg, named, expec
     (["--diffusion.beta_start=0.1", "--diffusion.beta_end=0.01"], "beta_start=0.1, beta_end=0.01"),
     (["--training.batch_size=0"], "training.batch_size=0"),
     (["--sampling.steps=0"], "sampling.steps=0"),
+    (["--diffusion.zero_terminal_snr=true", "--diffusion.prediction=eps"], "zero_terminal_snr=True with prediction=eps"),
+    (["--diffusion.min_snr_gamma=0"], "min_snr_gamma=0.0 must be positive"),
+    (["--sampling.guidance_interval=[5, 1]"], "guidance_interval=[5, 1]"),
+    (["--sampling.guidance_interval=[1]"], "expected [] or [low, high]"),
 ])
 def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     assert expected in one_line_error(capsys, args)
@@ -102,7 +106,10 @@ def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     ("--model.conditioning=cross", "model.conditioning='cross'"),
     ("--model.pos_embed=rope", "model.pos_embed='rope'"),
     ("--diffusion.noise_schedule=sigmoid", "diffusion.noise_schedule='sigmoid'"),
-    ("--sampling.sampler=euler", "sampling.sampler='euler' is not one of ddpm, ddim"),
+    ("--sampling.sampler=euler", "sampling.sampler='euler' is not one of ddpm, ddim, dpm++2m"),
+    ("--sampling.variance=learned", "sampling.variance='learned' is not one of small, large"),
+    ("--diffusion.prediction=score", "diffusion.prediction='score' is not one of eps, v, x0"),
+    ("--diffusion.loss_weighting=p2", "diffusion.loss_weighting='p2' is not one of none, min_snr"),
     ("--training.precision=fp16", "training.precision='fp16' is not one of auto, fp32, bf16"),
 ])
 def test_a_bad_choice_is_a_one_line_error(capsys, arg, expected):
@@ -170,6 +177,26 @@ def test_base_config_saved_before_a_key_existed_gets_its_default():
     cfg = load_config(["--model.depth=2"], base=old)
     assert cfg["training"]["save_interval"] == defaults()["training"]["save_interval"]
     assert cfg["training"]["batch_size"] == 16 and "save_interval" not in old["training"]
+
+
+def test_a_checkpoint_from_before_prediction_targets_stays_eps_whatever_the_default(tmp_path, monkeypatch):
+    """A model trained before diffusion.prediction existed predicted eps with plain MSE; a newer config.yaml
+    default (v, min_snr, zero terminal SNR) must not reinterpret it."""
+    import config
+    import yaml
+    old = load_config([])
+    for key in ("prediction", "loss_weighting", "min_snr_gamma", "zero_terminal_snr"):
+        del old["diffusion"][key]
+    del old["sampling"]["guidance_interval"], old["sampling"]["variance"]
+    newer = defaults()
+    newer["diffusion"].update(prediction="v", loss_weighting="min_snr", zero_terminal_snr=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(newer))
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(tmp_path / "config.yaml"))
+    cfg = load_config([], base=old)
+    assert (cfg["diffusion"]["prediction"], cfg["diffusion"]["loss_weighting"], cfg["diffusion"]["zero_terminal_snr"]) \
+        == ("eps", "none", False)
+    assert cfg["sampling"]["guidance_interval"] == [] and cfg["sampling"]["variance"] == "small"
+    assert load_config([])["diffusion"]["prediction"] == "v"  # while a new run takes the new default
 
 
 def test_a_script_exits_with_status_two_and_no_traceback():

@@ -345,3 +345,41 @@ def test_ablation_writes_one_row_per_checkpoint_in_epoch_order_and_resumes(works
 def test_ablation_glob_matching_nothing_is_a_one_line_error(workspace, tmp_path, capsys):
     run = lambda: evaluate.main(["--checkpoints", str(tmp_path / "none_*.pth")] + common_args(workspace, tmp_path))
     expect_one_line_error(capsys, run, "none_*.pth", "matches no file")
+
+
+def test_colour_statistics_against_a_plain_count():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 5, 6, 3), dtype=np.uint8)
+    images[0, 0, 0] = [0, 255, 17]
+    stats = evaluate.colour_statistics(images)
+    values = images.astype(np.float64)
+    assert stats["clipped_fraction"] == pytest.approx(np.mean([(v == 0) or (v == 255) for v in images.ravel()]))
+    for c in range(3):
+        assert stats["channel_mean"][c] == pytest.approx(values[..., c].mean())
+        assert stats["channel_std"][c] == pytest.approx(values[..., c].std())
+    within = np.mean([values[i, :, :, c].std() for i in range(7) for c in range(3)])
+    assert stats["within_image_std"] == pytest.approx(within)
+    flat = np.full((4, 5, 6, 3), 128, dtype=np.uint8)  # flat images: no spread within, nothing clipped
+    assert evaluate.colour_statistics(flat)["within_image_std"] == 0 == evaluate.colour_statistics(flat)["clipped_fraction"]
+
+
+def test_compare_scores_every_checkpoint_at_every_cell_and_resumes(workspace, tmp_path, capsys):
+    first = tiny_checkpoint(tmp_path / "eps" / "checkpoint.pth")
+    second = tiny_checkpoint(tmp_path / "v" / "checkpoint.pth", overrides=["--diffusion.prediction=v"], seed=1)
+    cells = "ddim-2-eta1-g3,dpm++2m-3-g2-i0.5:20,ddpm-2-large"
+    args = ["--compare", first, second, "--cells", cells, "--num-samples", "20"] + common_args(workspace, tmp_path)
+    evaluate.main(args)
+    rows = read_rows(tmp_path / "compare.csv")
+    assert [(r["run"], r["cell"]) for r in rows] == [(run, cell) for run in ("eps", "v") for cell in cells.split(",")]
+    for r in rows:
+        assert 0 <= float(r["classifier_accuracy"]) <= 1 and float(r["classifier_fid"]) > 0
+        assert 0 <= float(r["clipped_fraction"]) <= 1 and float(r["channel_std"]) > 0
+    assert len((tmp_path / "compare.md").read_text().splitlines()) >= 2 + len(rows)
+    assert len(os.listdir(tmp_path / "grids")) == len(rows)
+    with np.load(tmp_path / "samples" / "v_dpmpp2m-3-g2-i0.5_20.npz") as f:
+        assert f["images"].shape == (20, 32, 32, 3)
+    evaluate.main(args)  # a re-run has nothing left to do
+    assert read_rows(tmp_path / "compare.csv") == rows
+    expect_one_line_error(capsys, lambda: evaluate.main(args[:3] + ["--cells", "euler-20"] + args[5:]),
+                          "euler-20", "ddpm, ddim, dpm++2m")
+    expect_one_line_error(capsys, lambda: evaluate.main(args[:3] + ["--cells", "ddim-x"] + args[5:]), "ddim-x")

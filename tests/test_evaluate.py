@@ -219,7 +219,7 @@ def test_checkpoint_to_results_json_with_inception_and_classifier_metrics(worksp
                 "classifier_accuracy"):
         assert np.isfinite(results[key]), key
     assert results["fid_score"] > 0 and results["inception_score_mean"] >= 1
-    assert results["sampler"] == "ddim" and results["steps"] == 2 and results["reference"] == reference
+    assert results["sampler"] == "dpm++2m" and results["steps"] == 2 and results["reference"] == reference
     assert len(results["classifier_accuracy_per_class"]) == 10 and results["timing"]["samples_per_s"] > 0
     assert (tmp_path / "real_vs_fake.png").stat().st_size > 0
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from config import fail, load_config
+from diffusion import SAMPLERS
 from sample import parse_guidance_interval
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # also distributed as pt_inception-2015-12-05-6726825d.pth
@@ -236,14 +237,23 @@ def score(images, labels, metrics, class_names):
     return out, timing
 
 
-def real_vs_fake(images, labels, args, path, class_names, per_class=5):
-    """Real test images beside generated ones, one row per class (plain rows when labels are unknown)."""
-    from data import SEARCHED, batches_dir, holds_images, load_cifar10, save_grid
+def real_test_images(args):
+    """CIFAR-10's test images and labels, or None where no data directory is found (a samples file scored
+    on another machine)."""
+    from data import SEARCHED, batches_dir, holds_images, load_cifar10
     chosen = args.data_dir or os.environ.get("CIFAR10_DIR", "")
     if not any(batches_dir(c) or holds_images(c) for c in ([chosen] if chosen else SEARCHED)):
-        print("no CIFAR-10 data directory found: skipping real_vs_fake.png")  # scoring a samples file elsewhere
+        return None
+    return load_cifar10(chosen, "test")[:2]
+
+
+def real_vs_fake(images, labels, real_test, path, class_names, per_class=5):
+    """Real test images beside generated ones, one row per class (plain rows when labels are unknown)."""
+    from data import save_grid
+    if real_test is None:
+        print("no CIFAR-10 data directory found: skipping real_vs_fake.png")
         return
-    real, real_labels, _ = load_cifar10(chosen, "test")
+    real, real_labels = real_test
     fake = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     if labels is None:  # unknown classes: rows of arbitrary samples beside real images of classes 0, 1, ...
         fake_labels = torch.arange(len(fake)) // per_class
@@ -257,15 +267,6 @@ def real_vs_fake(images, labels, args, path, class_names, per_class=5):
     save_grid(torch.cat(rows), path, nrow=2 * per_class,
               row_labels=[class_names[c] for c in classes] if labels is not None else None,
               title=f"real CIFAR-10 test images (left {per_class}) vs generated (right {per_class})")
-
-
-def real_colour_statistics(args):
-    """colour_statistics of CIFAR-10's test images, or None where no data directory is found."""
-    from data import SEARCHED, batches_dir, holds_images, load_cifar10
-    chosen = args.data_dir or os.environ.get("CIFAR10_DIR", "")
-    if not any(batches_dir(c) or holds_images(c) for c in ([chosen] if chosen else SEARCHED)):
-        return None
-    return colour_statistics(load_cifar10(chosen, "test")[0].permute(0, 2, 3, 1).numpy())
 
 
 def warn_if_biased(num_samples, args):
@@ -389,15 +390,15 @@ def parse_cell(text):
             elif part.startswith("g"):
                 cell["guidance_scale"] = float(part[1:])
             elif part.startswith("i"):
-                cell["guidance_interval"] = [float(v) for v in part[1:].split(":")]
+                cell["guidance_interval"] = parse_guidance_interval(part[1:].replace(":", ","))
             elif part in ("small", "large"):
                 cell["variance"] = part
             else:
                 raise ValueError(part)
     except (ValueError, IndexError):
         fail(f"--cells: {text!r} is not SAMPLER-STEPS[-etaE][-gG][-iLOW:HIGH][-large], like ddim-50-eta1-g3")
-    if sampler not in ("ddpm", "ddim", "dpm++2m") or cell["steps"] < 1:
-        fail(f"--cells: {text!r}: expected a sampler of ddpm, ddim, dpm++2m and at least 1 step")
+    if sampler not in SAMPLERS or cell["steps"] < 1:
+        fail(f"--cells: {text!r}: expected a sampler of {', '.join(SAMPLERS)} and at least 1 step")
     return cell
 
 
@@ -500,7 +501,7 @@ def parse_args(argv):
     parser.add_argument("--train-classifier", action="store_true", help="train and cache the project's classifier")
     parser.add_argument("--classifier", default=os.path.join("model", "cifar10_classifier.pth"))
     parser.add_argument("--classifier-epochs", type=int, help="default: 10 on CPU, 16 on a GPU")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
+    parser.add_argument("--sampler", choices=SAMPLERS)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--eta", type=float)
     parser.add_argument("--variance", choices=["small", "large"], help="DDPM's noise: the posterior's or beta_t")
@@ -599,6 +600,7 @@ def main(argv):
         fail(f"samples have shape {tuple(images.shape)}: expected uint8 images (N, H, W, 3)")
     warn_if_biased(len(images), args)
     results, timing = score(images, labels, metrics, class_names)
+    real_test = real_test_images(args)  # loaded once, for the colour reference and real_vs_fake.png
     report = {"num_samples": len(images), "checkpoint": info["checkpoint"], "fid_score": results.get("fid_score"),
               "inception_score_mean": results.get("inception_score_mean"),
               "inception_score_std": results.get("inception_score_std"),
@@ -612,14 +614,15 @@ def main(argv):
               "classifier_accuracy_per_class": results.get("classifier_accuracy_per_class"),
               "classifier_fid": results.get("classifier_fid"),
               "classifier_test_accuracy": metrics["classifier"][1]["test_accuracy"] if metrics["classifier"] else None,
-              "colour": results["colour"], "colour_real_test": real_colour_statistics(args),
+              "colour": results["colour"],
+              "colour_real_test": None if real_test is None else colour_statistics(real_test[0].permute(0, 2, 3, 1).numpy()),
               "timing": {**{k: info[k] for k in ("sampling_s", "samples_per_s") if k in info}, **timing,
                          "total_s": time.time() - started}}
     os.makedirs(args.output_dir, exist_ok=True)
     json_path = os.path.join(args.output_dir, "evaluation_results.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
-    real_vs_fake(images, labels, args, os.path.join(args.output_dir, "real_vs_fake.png"), class_names)
+    real_vs_fake(images, labels, real_test, os.path.join(args.output_dir, "real_vs_fake.png"), class_names)
     for key in ("fid_score", "inception_score_mean", "kid_mean"):
         if report[key] is not None:
             print(f"{key}: {report[key]:.4f}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from config import fail
 from data import save_grid, to_uint8
-from diffusion import Diffusion
+from diffusion import SAMPLERS, Diffusion
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -192,7 +192,7 @@ def main(argv=None):
     parser.error = fail  # one line, exit status 2, instead of argparse's usage block
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
+    parser.add_argument("--sampler", choices=SAMPLERS)
     parser.add_argument("--steps", type=int, help="respaced steps, e.g. 1000, 250, 50, 20")
     parser.add_argument("--eta", type=float)
     parser.add_argument("--variance", choices=["small", "large"], help="DDPM's noise: the posterior's or beta_t")

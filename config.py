@@ -63,7 +63,7 @@ def check(cfg):
                ("diffusion", "noise_schedule"): ("linear", "cosine", "polynomial"),
                ("diffusion", "prediction"): ("eps", "v", "x0"), ("diffusion", "loss_weighting"): ("none", "min_snr"),
                ("sampling", "sampler"): ("ddpm", "ddim", "dpm++2m"), ("sampling", "variance"): ("small", "large"),
-               ("training", "precision"): ("auto", "fp32", "bf16")}
+               ("training", "precision"): ("auto", "fp32", "bf16"), ("sampling", "precision"): ("auto", "fp32", "bf16")}
     for (section, name), allowed in choices.items():
         if cfg[section][name] not in allowed:
             fail(f"{section}.{name}={cfg[section][name]!r} is not one of {', '.join(allowed)}")

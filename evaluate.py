@@ -191,7 +191,8 @@ def draw_samples(checkpoint, args, samples_path):
     options = dict(sampler=args.sampler or s["sampler"], steps=args.steps or s["steps"],
                    eta=s["eta"] if args.eta is None else args.eta, variance=args.variance or s["variance"],
                    guidance_scale=s["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
-                   guidance_interval=s["guidance_interval"] if args.guidance_interval is None else args.guidance_interval)
+                   guidance_interval=s["guidance_interval"] if args.guidance_interval is None else args.guidance_interval,
+                   precision=args.precision or s["precision"], compile=args.compile or s["compile"])
     generator = torch.Generator(args.device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
     started = time.time()
@@ -509,6 +510,8 @@ def parse_args(argv):
     parser.add_argument("--guidance-interval", type=parse_guidance_interval, metavar="LOW,HIGH",
                         help="guide only at noise levels sqrt((1 - alpha_bar) / alpha_bar) in (LOW, HIGH]; 'all': everywhere")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="the model's forward passes (sampling.precision)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for sampling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ema", action="store_true")

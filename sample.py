@@ -22,6 +22,7 @@ from tqdm import tqdm
 from config import fail
 from data import save_grid, to_uint8
 from diffusion import SAMPLERS, Diffusion
+from train_cpu import autocast_dtype_for
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -34,7 +35,8 @@ def spacing_for(sampler):
 
 
 def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidance_scale=None, batch_size=None,
-                  generator=None, callback=None, progress=False, guidance_interval=None, variance=None):
+                  generator=None, callback=None, progress=False, guidance_interval=None, variance=None,
+                  precision=None, compile=None):
     """Images in [-1, 1] for the given labels (N,), drawn in batches; unset arguments come from
     cfg["sampling"]. callback(i, x, batch_index) sees each reverse step of each batch."""
     s = cfg["sampling"]
@@ -45,6 +47,11 @@ def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidan
     guidance_interval = s["guidance_interval"] if guidance_interval is None else guidance_interval
     variance = variance or s["variance"]
     batch_size = batch_size or s["batch_size"]
+    device = labels.device
+    # autocast reaches only the model's matmuls and convolutions, whose outputs the sampler casts back to fp32
+    autocast_dtype = autocast_dtype_for(precision or s["precision"], device)
+    if s["compile"] if compile is None else compile:
+        model = torch.compile(model)
     diffusion = Diffusion.from_config(cfg["diffusion"]).respace(steps, spacing_for(sampler))
     m = cfg["model"]
     shape = (m["image_channels"], m["image_size"], m["image_size"])
@@ -53,17 +60,19 @@ def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidan
     for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         y = labels[start:start + batch_size]
         step_callback = None if callback is None else (lambda i, x, b=b: callback(i, x, b))
-        out.append(diffusion.sample(model, (len(y),) + shape, y, sampler=sampler, eta=eta,
-                                    guidance_scale=guidance_scale, clip_denoised=s["clip_denoised"],
-                                    null_class=m["num_classes"], generator=generator, callback=step_callback,
-                                    guidance_interval=guidance_interval, variance=variance))
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out.append(diffusion.sample(model, (len(y),) + shape, y, sampler=sampler, eta=eta,
+                                        guidance_scale=guidance_scale, clip_denoised=s["clip_denoised"],
+                                        null_class=m["num_classes"], generator=generator, callback=step_callback,
+                                        guidance_interval=guidance_interval, variance=variance))
     return torch.cat(out) if out else torch.empty((0,) + shape)
 
 
 def save_class_grid(model, cfg, class_names, path, classes=None, per_class=10, generator=None, progress=False,
                     **options):
     """One row per class (all classes unless given), per_class samples each, rows labelled by name.
-    options are sample_images's: sampler, steps, eta, guidance_scale, guidance_interval, variance, batch_size."""
+    options are sample_images's: sampler, steps, eta, guidance_scale, guidance_interval, variance, batch_size,
+    precision, compile."""
     device = next(model.parameters()).device
     classes = list(range(len(class_names))) if classes is None else classes
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
@@ -205,6 +214,8 @@ def main(argv=None):
     parser.add_argument("--out", help="samples.npz, or a folder/ for PNG files")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="the model's forward passes (sampling.precision)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_dir", default="outputs")
     parser.add_argument("--no-grids", action="store_true", help="skip the class and timestep grids")
@@ -223,7 +234,8 @@ def main(argv=None):
     names = state.get("class_names") or [str(i) for i in range(cfg["model"]["num_classes"])]
     classes = parse_classes(args.classes, cfg["model"]["num_classes"])
     options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                   guidance_interval=args.guidance_interval, variance=args.variance, batch_size=args.batch_size)
+                   guidance_interval=args.guidance_interval, variance=args.variance, batch_size=args.batch_size,
+                   precision=args.precision, compile=args.compile or None)
     print(f"{args.checkpoint}: step {state.get('step', '?')}, {'raw' if args.no_ema else 'EMA'} weights, "
           f"kernels: {KERNELS_PATH}, device {args.device}")
     generator = torch.Generator(args.device).manual_seed(args.seed)

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import functools
 import math
 import os
 import signal
@@ -82,6 +83,7 @@ def autocast_dtype_for(precision, device):
     return torch.bfloat16 if precision in ("auto", "bf16") else None
 
 
+@functools.cache  # once a process: every grid and every evaluated cell asks again
 def bf16_matmul_speedup(n=512, repeats=5):
     """fp32 time over bf16 time of an n^3 matmul on the CPU, each the best of interleaved runs (the slow first
     ones, where oneDNN compiles its kernels, lose to the later ones)."""

@@ -82,3 +82,34 @@ def test_sample_then_evaluate_end_to_end_on_cpu(tiny, workspace, tmp_path):  # n
     assert per_class[1] is None and 0 <= per_class[0] <= 1
     assert results["classifier_accuracy"] == pytest.approx((per_class[0] + per_class[3]) / 2)
     assert np.isfinite(results["classifier_fid"]) and (out / "real_vs_fake.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_sampling_precision_reaches_the_model_and_leaves_the_sampler_in_fp32(tiny, precision, expected):
+    model, cfg, _ = model_from_checkpoint(tiny)
+    seen = []
+    hook = model.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    images = sample.sample_images(model, cfg, torch.tensor([0, 1, 2]), sampler="ddim", steps=3, guidance_scale=2.0,
+                                  precision=precision, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert seen and set(seen) == {expected}
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    reference = sample.sample_images(model, cfg, torch.tensor([0, 1, 2]), sampler="ddim", steps=3, guidance_scale=2.0,
+                                     precision="fp32", generator=torch.Generator().manual_seed(0))
+    if precision == "fp32":
+        torch.testing.assert_close(images, reference, rtol=0, atol=0)
+    else:  # the same images up to bf16 rounding, not others
+        assert 0 < (images - reference).abs().max() < 0.25
+
+
+def test_sampling_compile_option_compiles_the_model(tiny, monkeypatch):
+    model, cfg, _ = model_from_checkpoint(tiny)
+    compiled = []
+    monkeypatch.setattr(sample.torch, "compile", lambda m: compiled.append(m) or m)
+    sample.sample_images(model, cfg, torch.tensor([0]), sampler="ddim", steps=2, precision="fp32")
+    assert compiled == []
+    sample.sample_images(model, cfg, torch.tensor([0]), sampler="ddim", steps=2, precision="fp32", compile=True)
+    assert compiled == [model]
+    cfg["sampling"]["compile"] = True
+    sample.sample_images(model, cfg, torch.tensor([0]), sampler="ddim", steps=2, precision="fp32")
+    assert compiled == [model, model]

@@ -1,8 +1,10 @@
 """
 The one configuration loader every script imports: config.yaml (or --config PATH), then command-line
 overrides --section.key=value, then checks that catch impossible combinations before a long run starts.
-A bad value is a one-line error naming it, with exit status 2 and no traceback.
+A bad value is a one-line error naming it, with exit status 2 and no traceback. ArgumentParser is argparse
+as every script uses it for its own flags, written once here.
 """
+import argparse
 import copy
 import os
 import sys
@@ -46,13 +48,17 @@ def cast_like(default, text, key):
     return typed_like(default, value, key)
 
 
-def apply_overrides(cfg, args):
-    for arg in args:  # "--training.batch_size=64"
+def apply_overrides(cfg, args, sections=None):
+    for arg in args:  # "--training.batch_size=64", or --training.batch-size=64 as a flag would be spelled
         key, sep, text = arg.removeprefix("--").partition("=")
         section, _, name = key.partition(".")
+        name = name.replace("-", "_")
         if not arg.startswith("--") or not sep or name not in cfg.get(section, {}):
             fail(f"unknown option {arg!r}: expected --section.key=value with a key of config.yaml")
-        cfg[section][name] = cast_like(cfg[section][name], text, key)
+        if sections is not None and section not in sections:
+            fail(f"{arg!r} cannot be set here: expected a key of {', '.join(sections)} "
+                 f"(the model and its diffusion are the checkpoint's)")
+        cfg[section][name] = cast_like(cfg[section][name], text, f"{section}.{name}")
     return cfg
 
 
@@ -82,8 +88,8 @@ def check(cfg):
              f"for channel_mult={m['channel_mult']}")
     if m["name"] == "unet" and (m["num_channels"] * min(m["channel_mult"])) % m["unet_num_heads"]:
         fail(f"num_channels={m['num_channels']} is not divisible by unet_num_heads={m['unet_num_heads']}")
-    if not 0 <= m["class_dropout"] < 1:
-        fail(f"class_dropout={m['class_dropout']} must be in [0, 1)")
+    if not 0 <= m["class_dropout"] <= 1:  # 1: every label is the null class, an unconditional model
+        fail(f"class_dropout={m['class_dropout']} must be in [0, 1]")
     if d["num_steps"] < 1:
         fail(f"num_steps={d['num_steps']} must be at least 1")
     if not 0 < d["beta_start"] <= d["beta_end"] < 1:
@@ -104,20 +110,34 @@ def check(cfg):
     return cfg
 
 
-def load_config(args=(), path=None, base=None):
-    """The configuration as a dict of sections. args are the --section.key=value overrides; a --config PATH
-    (or --config=PATH) among them replaces config.yaml. base, when given, is a configuration to start from
-    instead of a file (a resumed run's own)."""
+def read_preset(path, cfg, sections=None):
+    """cfg with the values of the YAML file at path; a preset may hold only the keys it changes. Keys of
+    sections other than the given ones are checked but not taken."""
+    try:
+        with open(path) as f:
+            preset = yaml.safe_load(f)
+    except OSError as e:
+        fail(f"cannot read config {path!r}: {e.strerror}")
+    except yaml.YAMLError as e:
+        fail(f"config {path!r} is not valid YAML: {str(e).splitlines()[0]}")
+    for section, values in (preset or {}).items():
+        if section not in cfg or not isinstance(values, dict):
+            fail(f"config {path!r}: unknown section {section!r}")
+        for name, value in values.items():
+            if name not in cfg[section]:
+                fail(f"config {path!r}: unknown key {section}.{name}")
+            value = typed_like(cfg[section][name], value, f"{section}.{name}")
+            if sections is None or section in sections:
+                cfg[section][name] = value
+    return cfg
+
+
+def load_config(args=(), path=None, base=None, sections=None):
+    """The configuration as a dict of sections: config.yaml, or base when given (a checkpoint's own config),
+    then the keys of a --config PATH (or --config=PATH) among args, or of path, then the --section.key=value
+    overrides in args. sections, when given, are the only ones --config and the overrides may set: a script
+    that reads a checkpoint takes its model and diffusion from it."""
     args = list(args)
-    if base is not None:
-        # keys added to config.yaml after base was saved take their defaults, so older checkpoints resume
-        with open(DEFAULT_CONFIG) as f:
-            cfg = yaml.safe_load(f)
-        for section, values in LEGACY_VALUES.items():
-            cfg[section].update({k: v for k, v in values.items() if k not in base.get(section, {})})
-        for section, values in base.items():
-            cfg.setdefault(section, {}).update(copy.deepcopy(values))
-        return check(apply_overrides(cfg, args))
     if "--config" in args:
         i = args.index("--config")
         if i + 1 >= len(args):
@@ -128,24 +148,53 @@ def load_config(args=(), path=None, base=None):
         if arg.startswith("--config="):
             path = arg.partition("=")[2]
             args.remove(arg)
-    path = path or DEFAULT_CONFIG
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except OSError as e:
-        fail(f"cannot read config {path!r}: {e.strerror}")
-    except yaml.YAMLError as e:
-        fail(f"config {path!r} is not valid YAML: {str(e).splitlines()[0]}")
-    if path != DEFAULT_CONFIG:
-        # a preset may hold only the keys it changes; the rest come from config.yaml
-        with open(DEFAULT_CONFIG) as f:
-            base = yaml.safe_load(f)
-        for section, values in (cfg or {}).items():
-            if section not in base or not isinstance(values, dict):
-                fail(f"config {path!r}: unknown section {section!r}")
-            for name, value in values.items():
-                if name not in base[section]:
-                    fail(f"config {path!r}: unknown key {section}.{name}")
-                base[section][name] = typed_like(base[section][name], value, f"{section}.{name}")
-        cfg = base
-    return check(apply_overrides(cfg, args))
+    with open(DEFAULT_CONFIG) as f:
+        cfg = yaml.safe_load(f)
+    if base is not None:
+        # keys added to config.yaml after base was saved take their defaults, so older checkpoints resume
+        for section, values in LEGACY_VALUES.items():
+            cfg[section].update({k: v for k, v in values.items() if k not in base.get(section, {})})
+        for section, values in base.items():
+            cfg.setdefault(section, {}).update(copy.deepcopy(values))
+    if path is not None:
+        cfg = read_preset(path, cfg, sections)
+    return check(apply_overrides(cfg, args, sections))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A script's own flags, with two conventions of the project: a bad one is a one-line error (fail), and
+    every multi-word option takes both spellings, --num_samples and --num-samples, so a command copied from
+    one script's help runs in another. parse() returns (flags, the --section.key=value overrides)."""
+
+    def add_argument(self, *names, **kwargs):
+        return super().add_argument(*both_spellings(names), **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *names, **kw: add(*both_spellings(names), **kw)
+        return group
+
+    def error(self, message):
+        fail(message)
+
+    def parse(self, argv):
+        flags, rest = self.parse_known_args(argv)
+        for arg in rest:
+            key, sep, _ = arg.partition("=")
+            if not (arg.startswith("--") and "." in key and sep):
+                fail(f"unknown option {arg!r}: expected an option of this script (--help) or --section.key=value")
+        return flags, rest
+
+
+def both_spellings(names):
+    """--num_samples -> --num_samples, --num-samples (and the other way round); the first stays first, so
+    argparse's dest is the same whichever is written."""
+    out = []
+    for name in names:
+        out.append(name)
+        if name.startswith("--"):
+            other = "--" + (name[2:].replace("_", "-") if "_" in name else name[2:].replace("-", "_"))
+            if other not in out and other not in names:
+                out.append(other)
+    return out

@@ -88,7 +88,8 @@ def test_a_value_of_the_wrong_type_is_a_one_line_error(capsys, arg, named, expec
     (["--model.patch_size=5"], "image_size=32 is not divisible by patch_size=5"),
     (["--model.image_size=30", "--model.patch_size=4"], "image_size=30 is not divisible by patch_size=4"),
     (["--model.hidden_dim=24", "--model.num_heads=8", "--model.num_kv_heads=1"], "hidden_dim / num_heads = 3"),
-    (["--model.class_dropout=1.0"], "class_dropout=1.0"),
+    (["--model.class_dropout=1.5"], "class_dropout=1.5 must be in [0, 1]"),
+    (["--model.class_dropout=-0.1"], "class_dropout=-0.1"),
     (["--diffusion.beta_start=0.1", "--diffusion.beta_end=0.01"], "beta_start=0.1, beta_end=0.01"),
     (["--training.batch_size=0"], "training.batch_size=0"),
     (["--sampling.steps=0"], "sampling.steps=0"),
@@ -205,3 +206,72 @@ def test_a_script_exits_with_status_two_and_no_traceback():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: num_heads=8 is not a multiple of num_kv_heads=3"
+
+
+def test_an_override_key_may_be_spelled_with_dashes():
+    assert load_config(["--training.batch-size=64"])["training"]["batch_size"] == 64
+
+
+def test_class_dropout_one_is_allowed_for_an_unconditional_model():
+    assert load_config(["--model.class_dropout=1.0"])["model"]["class_dropout"] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# a checkpoint's config with --config and overrides limited to some sections (sample.py, evaluate.py)
+
+
+def test_a_preset_on_a_base_config_changes_only_its_keys_of_the_allowed_sections(tmp_path):
+    base = load_config(["--model.depth=2", "--sampling.steps=7", "--sampling.eta=0.5"])
+    path = write_preset(tmp_path, "model:\n  depth: 12\nsampling:\n  steps: 30\n")
+    cfg = load_config(["--config", path, "--sampling.guidance_scale=2"], base=base, sections=("sampling",))
+    assert cfg["model"]["depth"] == 2  # the checkpoint's, not the preset's
+    assert (cfg["sampling"]["steps"], cfg["sampling"]["eta"], cfg["sampling"]["guidance_scale"]) == (30, 0.5, 2.0)
+    everything = load_config(["--config", path], base=base)  # a resumed training run takes all of it
+    assert everything["model"]["depth"] == 12 and everything["sampling"]["steps"] == 30
+
+
+def test_an_override_outside_the_allowed_sections_is_a_one_line_error(capsys):
+    import config
+    with pytest.raises(SystemExit) as exit_info:
+        config.load_config(["--model.depth=2"], base=load_config([]), sections=("sampling", "evaluation"))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "'--model.depth=2' cannot be set here" in message and "sampling, evaluation" in message
+
+
+# -----------------------------------------------------------------------------
+# the scripts' own flags
+
+
+def parser_of_both_kinds():
+    import config
+    parser = config.ArgumentParser()
+    parser.add_argument("--num_samples", type=int, default=0)
+    parser.add_argument("--no-ema", action="store_true")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument_group("a group").add_argument("--guidance_interval")
+    return parser
+
+
+@pytest.mark.parametrize("argv", [
+    ["--num_samples", "3", "--no-ema", "--guidance_interval", "all"],
+    ["--num-samples", "3", "--no_ema", "--guidance-interval", "all"],
+    ["--num-samples=3", "--no_ema", "--guidance-interval=all"],
+])
+def test_every_multi_word_flag_takes_both_spellings(argv):
+    flags, overrides = parser_of_both_kinds().parse(argv + ["--sampling.steps=2"])
+    assert (flags.num_samples, flags.no_ema, flags.guidance_interval, flags.steps) == (3, True, "all", None)
+    assert overrides == ["--sampling.steps=2"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--bogus", "1"], "--bogus"),
+    (["--steps", "many"], "many"),
+    (["sampling.steps=2"], "sampling.steps=2"),
+])
+def test_a_bad_flag_is_a_one_line_error(capsys, argv, named):
+    with pytest.raises(SystemExit) as exit_info:
+        parser_of_both_kinds().parse(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith("error: ") and named in message

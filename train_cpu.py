@@ -5,7 +5,12 @@ its commands run verbatim:
     python train_cpu.py --image_size 32 --num_channels 64 --num_res_blocks 2 --diffusion_steps 1000 \
         --noise_schedule linear --lr 1e-4 --batch_size 8 --microbatch 4
 
-plus --model dit (the DiT of config.yaml), --max_steps, --data_dir, --resume and any config override
+Every flag of image_train.py is taken, booleans spelled True/False as there. --class_cond False trains an
+unconditional model, --use_fp16 True in bf16 autocast, --predict_xstart True on x0; of several --ema_rate
+values the first is kept. A flag asking for what this project lacks (--learn_sigma True, --use_kl True, ...)
+is a one-line error saying so. Unlike image_train.py, a run without --class_cond is class-conditional.
+
+Besides: --model dit (the DiT of config.yaml), --max_steps, --resume and any config override
 --section.key=value. A run writes everything to outputs/<run>/: metrics.csv (a row every save_interval
 steps), checkpoint.pth (atomic), loss.png and samples.png at the end or on Ctrl-C.
 
@@ -25,7 +30,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from config import fail, load_config
+from config import ArgumentParser, fail, load_config
 
 # -----------------------------------------------------------------------------
 # the training step, shared with train_ddp.py
@@ -61,7 +66,13 @@ def train_step(model, diffusion, optimizer, x, y, microbatch=0, grad_clip=0.0, a
             (loss.mean() * (loss.shape[0] / B)).backward()
         losses.append(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    if torch.isfinite(grad_norm):
+    if optimizer.defaults.get("fused"):  # make_optimizer's
+        # a non-finite gradient skips the step on the device, without the host waiting to look at it: the fused
+        # AdamW leaves weights and state untouched where found_inf is 1 (GradScaler's mechanism)
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif torch.isfinite(grad_norm):
         optimizer.step()
     return torch.cat(losses), t, grad_norm
 
@@ -98,6 +109,21 @@ def bf16_matmul_speedup(n=512, repeats=5):
     return best[0] / best[1]
 
 
+def restart_metrics(path, columns, step=None):
+    """metrics.csv with its header and, for a run resumed at step, its rows up to that step: rows past the
+    checkpoint (written before a crash that lost their checkpoint) are trained again, so they go. A new run
+    (step None) starts an empty file. Replaced atomically, so an interrupt leaves the old file."""
+    rows = []
+    if step is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
 def ema_rate_at(step, ema_rate):
     """EMA decay warmed up as min(rate, (1 + step) / (10 + step)), so short runs get a usable EMA instead
     of one still dominated by the random initialisation after thousands of steps."""
@@ -105,65 +131,132 @@ def ema_rate_at(step, ema_rate):
 
 
 # -----------------------------------------------------------------------------
-# command line: improved-diffusion's flags, mapped onto config.yaml
+# command line: every flag of improved-diffusion's scripts/image_train.py, mapped onto config.yaml
+
+# its flags for features this project does not have: the value that means what the project does anyway
+# (accepted silently), and what happens here instead (the error for any other value)
+NOT_SUPPORTED = {
+    "learn_sigma": (False, "the reverse variance is fixed (sampling.variance), not learned"),
+    "use_kl": (False, "the loss is the MSE of the prediction target, not the variational bound"),
+    "use_checkpoint": (False, "there is no gradient checkpointing"),
+    "use_scale_shift_norm": (True, "the UNet's residual blocks always take the timestep as a scale and shift"),
+    "schedule_sampler": ("uniform", "training timesteps are drawn uniformly"),
+    "timestep_respacing": ("", "training uses every diffusion step (sampling's steps are --sampling.steps)"),
+    "lr_anneal_steps": (0, "the learning rate warms up, then stays constant (--max_steps N stops at step N)"),
+}
+
+
+def boolean(text):
+    """improved-diffusion's str2bool, so --class_cond True runs as written."""
+    if text.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if text.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: expected True or False")
+
+
+def rates(text):
+    """--ema_rate 0.9999,0.999: improved-diffusion's comma-separated EMA rates."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated rates in [0, 1), like 0.9999,0.999")
+    return values
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train a class-conditional DDPM on one CPU.",
-                                     epilog="Any config value can also be set as --section.key=value.")
-    parser.error = fail  # one line, exit status 2, instead of argparse's usage block
+    parser = ArgumentParser(description="Train a class-conditional DDPM on one CPU.",
+                            epilog="Any config value can also be set as --section.key=value; those win over the "
+                                   "flags above.")
     parser.add_argument("--model", choices=["unet", "dit"], help="default unet (a resumed run keeps its own)")
     parser.add_argument("--config", help="a config file in place of config.yaml")
+    # improved-diffusion's flags; unset, config.yaml decides (a class-conditional model unless --class_cond False)
     parser.add_argument("--data_dir", help="CIFAR-10 folder (same as --data.data_dir)")
-    for name in ("image_size", "num_channels", "num_res_blocks", "diffusion_steps", "batch_size", "max_steps",
-                 "num_heads", "seed", "threads"):
+    for name in ("image_size", "num_channels", "num_res_blocks", "num_heads", "diffusion_steps", "batch_size"):
         parser.add_argument(f"--{name}", type=int)
-    parser.add_argument("--noise_schedule", choices=["linear", "cosine", "polynomial"])
+    parser.add_argument("--num_heads_upsample", type=int, default=-1, help="-1 or --num_heads: the UNet has one count")
     parser.add_argument("--attention_resolutions", help="comma-separated, e.g. 16,8")
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--dropout", type=float)
-    parser.add_argument("--weight_decay", type=float)
-    parser.add_argument("--ema_rate", type=float)
+    parser.add_argument("--noise_schedule", choices=["linear", "cosine", "polynomial"])
+    for name in ("lr", "dropout", "weight_decay"):
+        parser.add_argument(f"--{name}", type=float)
+    parser.add_argument("--ema_rate", type=rates, help="one EMA is kept, at the first rate given")
+    parser.add_argument("--class_cond", type=boolean, help="False: an unconditional model (model.class_dropout=1)")
+    parser.add_argument("--use_fp16", type=boolean, help="True: this CPU's half precision, bf16 autocast with fp32 "
+                        "weights (--training.precision=bf16)")
+    parser.add_argument("--fp16_scale_growth", type=float, help="ignored: bf16 needs no loss scaling")
+    parser.add_argument("--predict_xstart", type=boolean, help="True: the model predicts x0 (--diffusion.prediction=x0)")
+    parser.add_argument("--sigma_small", type=boolean, help="DDPM sampling's variance, the posterior's (True) or "
+                        "beta_t (False): --sampling.variance=small or large")
+    parser.add_argument("--rescale_timesteps", type=boolean, help="True only at --diffusion_steps 1000, where it "
+                        "changes nothing: the model sees the step index")
+    parser.add_argument("--rescale_learned_sigmas", type=boolean, help="changes nothing without learned sigmas")
+    for name, (value, why) in NOT_SUPPORTED.items():
+        parser.add_argument(f"--{name}", type=boolean if isinstance(value, bool) else type(value),
+                            help=f"only {value!r}: {why}")
     parser.add_argument("--microbatch", type=int, default=-1, help="-1: no micro-batching")
     parser.add_argument("--log_interval", type=int, default=10)
     parser.add_argument("--save_interval", type=int, help="steps between checkpoints (training.save_interval)")
-    parser.add_argument("--max_minutes", type=float)
     parser.add_argument("--resume", "--resume_checkpoint", dest="resume", help="checkpoint.pth of a run to continue")
+    # this project's own
+    parser.add_argument("--max_steps", type=int)
+    parser.add_argument("--max_minutes", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int)
     parser.add_argument("--run", help="run name: outputs/<run>/ (default: model-schedule-time)")
     parser.add_argument("--output_dir", default="outputs")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights): "
                         "--training.precision=bf16; the default, auto, takes bf16 where this CPU runs it faster")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--grid_per_class", type=int, default=4, help="samples per class in the final grid")
-    args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "." in a.partition("=")[0] and "=" in a)]
-    if bad:
-        fail(f"unknown option {bad[0]!r}: expected an option of train_cpu.py or --section.key=value")
-    return args, rest
+    parser.add_argument("--grid_per_class", type=int, default=4, help="samples per class in the final grid (0: none)")
+    return parser.parse(argv)
 
 
 def build_config(args, overrides, base=None):
     """config.yaml (or a resumed run's config, base) < the improved-diffusion flags given < --section.key=value
     overrides."""
+    refused = [f"--{name} {getattr(args, name)}" for name, (value, _) in NOT_SUPPORTED.items()
+               if getattr(args, name) not in (None, value)]
+    if refused:
+        name = refused[0].split()[0].removeprefix("--")
+        also = f" (nor {', '.join(refused[1:])})" if refused[1:] else ""
+        fail(f"{refused[0]} is not supported: {NOT_SUPPORTED[name][1]}{also}")
+    rate = args.ema_rate[0] if args.ema_rate else None
+    if args.ema_rate and len(args.ema_rate) > 1:
+        print(f"--ema_rate {','.join(f'{r:g}' for r in args.ema_rate)}: one EMA is kept, at {rate:g} (the first)")
     flags = {"model.name": args.model or (None if base else "unet"), "data.data_dir": args.data_dir, "model.image_size": args.image_size,
              "model.num_channels": args.num_channels, "model.num_res_blocks": args.num_res_blocks,
              "diffusion.num_steps": args.diffusion_steps, "diffusion.noise_schedule": args.noise_schedule,
              "training.learning_rate": args.lr, "training.batch_size": args.batch_size,
              "training.max_steps": args.max_steps, "model.unet_num_heads": args.num_heads,
              "model.dropout": args.dropout, "training.weight_decay": args.weight_decay,
-             "training.ema_rate": args.ema_rate, "training.seed": args.seed, "training.max_minutes": args.max_minutes,
-             "training.save_interval": args.save_interval, "training.precision": "bf16" if args.bf16 else None,
+             "training.ema_rate": rate, "training.seed": args.seed, "training.max_minutes": args.max_minutes,
+             "training.save_interval": args.save_interval,
+             "training.precision": "bf16" if args.bf16 or args.use_fp16 else None,
+             "model.class_dropout": 1.0 if args.class_cond is False else None,  # every label the null class
+             "diffusion.prediction": "x0" if args.predict_xstart else None,
+             "sampling.variance": None if args.sigma_small is None else ("small" if args.sigma_small else "large"),
              "model.attention_resolutions": None if args.attention_resolutions is None
              else f"[{args.attention_resolutions}]"}
     given = [f"--{key}={value}" for key, value in flags.items() if value is not None]
     config_args = (["--config", args.config] if args.config else []) + given + overrides
     cfg = load_config(config_args, base=base)
-    if cfg["model"]["image_size"] != 32:
-        fail(f"image_size={cfg['model']['image_size']}: CIFAR-10 images are 32x32")
+    m, num_steps = cfg["model"], cfg["diffusion"]["num_steps"]
+    if m["image_size"] != 32:
+        fail(f"image_size={m['image_size']}: CIFAR-10 images are 32x32")
+    if args.num_heads_upsample not in (-1, m["unet_num_heads"]):
+        fail(f"--num_heads_upsample {args.num_heads_upsample} is not supported: the UNet's upsampling path has "
+             f"--num_heads ({m['unet_num_heads']}) heads like the rest")
+    if args.rescale_timesteps and num_steps != 1000:
+        fail(f"--rescale_timesteps True is not supported at --diffusion_steps {num_steps}: the model sees the step "
+             f"index 0..{num_steps - 1}, not rescaled to 0..1000")
     if args.log_interval < 1:
         fail(f"--log_interval={args.log_interval} must be at least 1")
     if cfg["training"]["save_interval"] < 1:
         fail(f"--save_interval={cfg['training']['save_interval']} must be at least 1")
+    if args.grid_per_class < 0:
+        fail(f"--grid_per_class={args.grid_per_class}: expected 0 (no grid) or more samples per class")
     B, mb = cfg["training"]["batch_size"], args.microbatch
     if mb == 0 or mb < -1:
         fail(f"--microbatch={mb}: expected -1 (off) or a positive size")
@@ -226,7 +319,8 @@ def main(argv):
         fail(f"batch_size={batch_size} is larger than the {len(images)} training images")
     max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
     print(model_summary(model, cfg["model"]))
-    print(f"run {run_dir} | {len(images)} images, {len(class_names)} classes | batch {batch_size}, microbatch "
+    conditioning = "unconditional" if cfg["model"]["class_dropout"] >= 1 else f"{len(class_names)} classes"
+    print(f"run {run_dir} | {len(images)} images, {conditioning} | batch {batch_size}, microbatch "
           f"{args.microbatch} | {torch.get_num_threads()} threads | "
           f"{'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "
           f"kernels: {KERNELS_PATH} | steps {step} -> {max_steps}")
@@ -246,9 +340,7 @@ def main(argv):
 
     metrics_path = os.path.join(run_dir, "metrics.csv")
     columns = ["step", "images", "loss", "mse", "grad_norm"] + QUARTERS + ["images_per_s", "elapsed_s"]
-    if not os.path.exists(metrics_path):
-        with open(metrics_path, "w", newline="") as f:
-            csv.writer(f).writerow(columns)
+    restart_metrics(metrics_path, columns, step if resumed is not None else None)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pth")
 
     def save():
@@ -325,10 +417,11 @@ def main(argv):
 
     plot_curves(metrics_path, os.path.join(run_dir, "loss.png"), "step", ["loss"] + QUARTERS,
                 f"{run}: training loss ({elapsed / 60:.1f} min, {step * batch_size / max(elapsed, 1e-9):.1f} img/s)")
-    save_class_grid(ema, cfg, class_names, os.path.join(run_dir, "samples.png"), per_class=args.grid_per_class,
-                    progress=True)
-    print(f"step {step} | {elapsed / 60:.1f} min of training | wrote {checkpoint_path}, {metrics_path}, "
-          f"{os.path.join(run_dir, 'loss.png')}, {os.path.join(run_dir, 'samples.png')}")
+    written = [checkpoint_path, metrics_path, os.path.join(run_dir, "loss.png")]
+    if args.grid_per_class:
+        written.append(os.path.join(run_dir, "samples.png"))
+        save_class_grid(ema, cfg, class_names, written[-1], per_class=args.grid_per_class, progress=True)
+    print(f"step {step} | {elapsed / 60:.1f} min of training | wrote {', '.join(written)}")
 
 
 if __name__ == "__main__":

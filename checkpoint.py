@@ -1,14 +1,18 @@
 """
-Checkpoints: written atomically (a temporary file in the same folder, flushed to disk, then renamed over
-the old one), so a crash or Ctrl-C mid-write leaves the last good checkpoint intact. Every script that
-reads one goes through load_checkpoint / model_from_checkpoint, so a bad file is a one-line error.
+Checkpoints: written atomically (a temporary file in the same folder, flushed to disk, renamed over the old
+one, the folder flushed too), so a crash or Ctrl-C mid-write leaves the last good checkpoint intact; what a
+killed write left behind is removed by the next save of that checkpoint. Every script that reads one goes
+through load_checkpoint / model_from_checkpoint, so a bad file is a one-line error; newest_checkpoint picks
+the one to resume from.
 
 A checkpoint is a dict: model, ema, optimizer, step, epoch, config (the full dict), class_names, rng
 (CPU and CUDA generator states) and whatever else the writer adds (scaler, elapsed, ...).
 """
 import os
 import random
+import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -18,9 +22,10 @@ from model import build_model
 
 
 def save_checkpoint(state, path):
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    remove_stale_temporaries(folder, name)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{temporary_prefix(name)}{os.getpid()}-")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is shared like any output
@@ -33,18 +38,89 @@ def save_checkpoint(state, path):
     except BaseException:
         os.unlink(tmp)
         raise
+    if os.name == "posix":  # the rename is only durable once the folder is on disk too (Windows cannot open one)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temporary_prefix(name):
+    return f".{name}.tmp-"  # then the writer's pid: .cifar10_dit_ckpt.pth.tmp-4242-k3j9x2a1
+
+
+STARTED = time.time()  # no file this process writes is older
+
+
+def remove_stale_temporaries(folder, name):
+    """Delete what saves of this checkpoint killed mid-write (SIGKILL, a lost node) left behind: the files of
+    its temporary naming last written before this process started, whose writer is not running here. A file
+    another process is writing now is young or has a live pid, and stays."""
+    prefix = temporary_prefix(name)
+    for entry in os.listdir(folder):
+        pid = entry[len(prefix):].partition("-")[0] if entry.startswith(prefix) else ""
+        if not pid.isdigit():
+            continue
+        path = os.path.join(folder, entry)
+        try:
+            if os.path.getmtime(path) < STARTED and not running(int(pid)):
+                os.unlink(path)
+        except OSError:  # gone meanwhile, or not ours to delete: it costs disk space, nothing else
+            pass
+
+
+def running(pid):
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows; the age test alone decides there
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class UnreadableCheckpoint(Exception):
+    pass
+
+
+def read_checkpoint(path, map_location="cpu", mmap=False):
+    """The checkpoint's dict, or UnreadableCheckpoint saying why not. mmap=True reads only the small pickle
+    (the tensors stay on disk until used): a cheap way to look at the step of a large file."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as e:  # truncated zip, pickle garbage, ...: all mean the same to the user
+        raise UnreadableCheckpoint(f"cannot be read ({type(e).__name__}): it is corrupt or not a checkpoint")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UnreadableCheckpoint("is not a checkpoint of this project (no model weights and config)")
+    return state
 
 
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         fail(f"checkpoint {path!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated zip, pickle garbage, ...: all mean the same to the user
-        fail(f"checkpoint {path!r} cannot be read ({type(e).__name__}): it is corrupt or not a checkpoint")
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        fail(f"checkpoint {path!r} is not a checkpoint of this project (no model weights and config)")
-    return state
+        return read_checkpoint(path, map_location)
+    except UnreadableCheckpoint as e:
+        fail(f"checkpoint {path!r} {e}")
+
+
+def newest_checkpoint(paths):
+    """(path, step) of the checkpoint among paths with the highest step stored in it (the first of paths on a
+    tie), or (None, 0) when there is none. One that cannot be read is passed over with a warning: a disk that
+    filled up or a copy killed halfway must not cost the run its previous checkpoints."""
+    found = []
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        try:
+            found.append((read_checkpoint(path, mmap=True).get("step", 0), path))
+        except UnreadableCheckpoint as e:
+            print(f"warning: passing over checkpoint {path!r}: it {e}", file=sys.stderr)
+    step, path = max(found, key=lambda pair: pair[0], default=(0, None))
+    return path, step
 
 
 def model_from_checkpoint(path, use_ema=True, map_location="cpu"):
@@ -67,9 +143,15 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, quiet=False):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU of the saving machine: restore those this machine has, and say so when it has fewer
+        saved, here = len(state["cuda"]), torch.cuda.device_count()
+        for device, cuda_state in enumerate(state["cuda"][:here]):
+            torch.cuda.set_rng_state(cuda_state, device)
+        if saved > here and not quiet:
+            print(f"warning: the checkpoint holds the random states of {saved} GPUs and this machine has {here}: "
+                  f"the first {here} are restored, the others' noise is not the saved run's", file=sys.stderr)

@@ -1,3 +1,4 @@
+import copy
 import csv
 import os
 import signal
@@ -184,3 +185,27 @@ def test_bad_option_is_a_one_line_error(tmp_path, synthetic_data):
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "batch_size" in result.stderr
+
+
+def test_a_non_finite_gradient_skips_the_fused_step_and_leaves_weights_and_state_untouched():
+    from config import load_config
+    from diffusion import Diffusion
+    from model import build_model
+    from train_cpu import make_optimizer, train_step
+    cfg = load_config(TINY)
+    model, diffusion = build_model(cfg["model"]), Diffusion.from_config(cfg["diffusion"])
+    optimizer = make_optimizer(model, 1e-3, weight_decay=0.1)  # decay would move the weights even with zero grads
+    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.arange(4)
+    train_step(model, diffusion, optimizer, x, y, grad_clip=1.0)  # a good step first, so the state is not empty
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())
+    x[0, 0, 0, 0] = float("nan")
+    _, _, grad_norm = train_step(model, diffusion, optimizer, x, y, grad_clip=1.0)
+    assert not torch.isfinite(grad_norm)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    after = optimizer.state_dict()["state"]
+    for i, values in state["state"].items():
+        assert all(torch.equal(v, after[i][name]) for name, v in values.items()), i  # step count included
+    x[0, 0, 0, 0] = 0.0
+    train_step(model, diffusion, optimizer, x, y, grad_clip=1.0)  # and a good step after it still moves them
+    assert not all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())

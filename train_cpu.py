@@ -204,7 +204,8 @@ def parse_args(argv):
     parser.add_argument("--max_minutes", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--run", help="run name: outputs/<run>/ (default: model-schedule-time)")
+    parser.add_argument("--run", help="run name: outputs/<run>/ (default: model-schedule-time; a resumed run stays "
+                        "in its checkpoint's folder)")
     parser.add_argument("--output_dir", default="outputs")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights): "
                         "--training.precision=bf16; the default, auto, takes bf16 where this CPU runs it faster")
@@ -284,9 +285,12 @@ def main(argv):
     cfg = build_config(args, overrides, base=resumed["config"] if resumed else None)
     tc = cfg["training"]
     torch.set_num_threads(args.threads or os.cpu_count())
-    run = os.path.basename(os.path.dirname(os.path.abspath(args.resume))) if args.resume else (
-        args.run or f"{cfg['model']['name']}-{cfg['diffusion']['noise_schedule']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = os.path.join(args.output_dir, run)
+    if args.resume:  # a resumed run goes on in its checkpoint's folder, beside its metrics.csv
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        run_dir = os.path.join(args.output_dir, args.run or f"{cfg['model']['name']}-"
+                               f"{cfg['diffusion']['noise_schedule']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = os.path.basename(run_dir)
     os.makedirs(run_dir, exist_ok=True)
 
     # data: one uint8 tensor in memory; batches are cut from it in the training thread, so no loader

@@ -11,16 +11,20 @@ import torch
 
 if os.environ.get("DIT_KERNELS_JIT") == "1":
     # for copies of csrc/ without setup.py: compile on first import (slow) into torch's extension cache
-    from torch.utils.cpp_extension import load
+    import platform
+
+    from torch.utils import cpp_extension
+
+    from csrc import flags
 
     _here = os.path.dirname(os.path.abspath(__file__))
-    _cuda = torch.cuda.is_available()
-    _x86 = os.uname().machine == "x86_64"  # the same flags as setup.py
-    _flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + (
-        ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if _x86 else ["-DCPU_CAPABILITY=DEFAULT"]) + (["-DWITH_CUDA"] if _cuda else [])
-    load(name="dit_kernels_jit", is_python_module=False, verbose=False,
-         sources=sorted(glob.glob(f"{_here}/*.cpp")) + (sorted(glob.glob(f"{_here}/cuda/*.cu")) if _cuda else []),
-         extra_cflags=_flags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"])
+    _cuda, _ = flags.cuda_build(os.environ.get("DIT_CUDA"), torch.version.cuda,
+                                flags.nvcc_version(cpp_extension.CUDA_HOME))
+    cpp_extension.load(
+        name="dit_kernels_jit", is_python_module=False, verbose=False,
+        sources=sorted(glob.glob(f"{_here}/*.cpp")) + (sorted(glob.glob(f"{_here}/cuda/*.cu")) if _cuda else []),
+        extra_cflags=flags.cxx_flags(platform.machine(), platform.system()) + (["-DWITH_CUDA"] if _cuda else []),
+        extra_ldflags=flags.openmp_flags(platform.system()), extra_cuda_cflags=["-O3"])
 else:
     from csrc import _C  # noqa: F401  (loading the library registers torch.ops.dit_kernels)
 

@@ -17,8 +17,10 @@ images; fewer samples bias the FID upward.
 Always reported, needing no external weights: accuracy of the generated images under the project's own
 CIFAR-10 classifier (classifier.py) and the FID in that classifier's features against the test set.
 These are the project's own metrics, for comparing our checkpoints only, not comparable with papers.
+
+--config PATH and --section.key=value set the sampling, evaluation and data sections (--sampling.steps=10,
+--evaluation.num_samples=1000); the sampling settings start from each checkpoint's own, and the flags win.
 """
-import argparse
 import csv
 import glob
 import hashlib
@@ -30,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from config import fail, load_config
+from config import ArgumentParser, fail, load_config
 from diffusion import SAMPLERS
 from sample import parse_guidance_interval
 
@@ -38,6 +40,7 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # also distributed
 EXTRACTOR = "inception-v3-compat"
 KID_REFERENCE_SIZE = 10000  # reference features kept in the cache for KID (it compares 1000-image subsets)
 PAPER_SAMPLES = 50000
+SECTIONS = ("sampling", "evaluation", "data")  # what --config and the overrides may set: the rest is the checkpoint's
 OWN_METRICS_NOTE = "project's own metrics (classifier.py): compare our checkpoints with each other only, not with papers"
 
 # -----------------------------------------------------------------------------
@@ -186,22 +189,24 @@ def draw_samples(checkpoint, args, samples_path):
     from checkpoint import model_from_checkpoint
     from sample import read_samples, write_samples_npz
     model, cfg, state = model_from_checkpoint(checkpoint, use_ema=not args.no_ema, map_location=args.device)
+    cfg = load_config(args.overrides, args.config, base=cfg, sections=SECTIONS)
     labels = torch.arange(args.num_samples, device=args.device) % cfg["model"]["num_classes"]
     s = cfg["sampling"]
+    seed = s["seed"] if args.seed is None else args.seed
     options = dict(sampler=args.sampler or s["sampler"], steps=args.steps or s["steps"],
                    eta=s["eta"] if args.eta is None else args.eta, variance=args.variance or s["variance"],
                    guidance_scale=s["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
                    guidance_interval=s["guidance_interval"] if args.guidance_interval is None else args.guidance_interval,
                    precision=args.precision or s["precision"], compile=args.compile or s["compile"])
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    torch.manual_seed(args.seed)
+    generator = torch.Generator(args.device).manual_seed(seed)
+    torch.manual_seed(seed)
     started = time.time()
     write_samples_npz(samples_path, model, cfg, labels, batch_size=args.batch_size, generator=generator, **options)
     seconds = time.time() - started
     images, labels = read_samples(samples_path)
     info = {"checkpoint": checkpoint, "samples": samples_path, "epoch": state.get("epoch"), "step": state.get("step"),
             "training_hours": state.get("elapsed", 0.0) / 3600, "weights": "raw" if args.no_ema else "EMA",
-            **options, "seed": args.seed, "sampling_s": seconds, "samples_per_s": len(images) / max(seconds, 1e-9)}
+            **options, "seed": seed, "sampling_s": seconds, "samples_per_s": len(images) / max(seconds, 1e-9)}
     return images, labels, info
 
 
@@ -473,15 +478,17 @@ def train_and_cache_classifier(args):
     test_images, test_labels, _ = load_cifar10(args.data_dir, "test")
     print(f"training the CIFAR-10 classifier on {len(train_images)} images ({args.device})")
     net, accuracy, seconds = train_classifier(train_images, train_labels, test_images, test_labels,
-                                              epochs=args.classifier_epochs, seed=args.seed, device=args.device)
+                                              epochs=args.classifier_epochs, seed=args.seed or 0, device=args.device)
     save_checkpoint(classifier_state(net.cpu(), accuracy, seconds, args.classifier_epochs, names, test_images),
                     args.classifier)
     print(f"classifier: test accuracy {accuracy:.4f} (flip TTA) after {seconds / 60:.1f} min; wrote {args.classifier}")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.error = fail  # one line, exit status 2, instead of argparse's usage block
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="--section.key=value sets any sampling, evaluation or data value; the flags "
+                                   "above win over it.")
+    parser.add_argument("--config", help="a config file: its sampling, evaluation and data sections apply")
     source = parser.add_argument_group("what to score (one of)")
     source.add_argument("--checkpoint", help="sample from this checkpoint, then score the samples")
     source.add_argument("--checkpoints", help="a glob of a run's checkpoints: the epoch-by-epoch ablation")
@@ -512,23 +519,26 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="the model's forward passes (sampling.precision)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for sampling")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="default sampling.seed (0 for the classifier)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--force", action="store_true", help="re-evaluate checkpoints already in ablation.csv")
-    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--data-dir", default="", help="default data.data_dir")
     parser.add_argument("--output-dir", default="outputs")
     parser.add_argument("--cache-dir", default="model", help="where reference statistics are cached")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse(argv)
+    args.overrides = overrides
     sources = [name for name in ("checkpoint", "checkpoints", "samples", "compare") if getattr(args, name)]
     if len(sources) > 1:
         fail(f"--{sources[0]} and --{sources[1]} both given: expected one thing to score")
     if not sources and not args.train_classifier:
         fail("nothing to do: expected --checkpoint, --checkpoints, --samples, --compare or --train-classifier")
-    evaluation = load_config([])["evaluation"]
+    cfg = load_config(args.overrides, args.config, sections=SECTIONS)  # checked before any long pass
+    evaluation = cfg["evaluation"]
     args.num_samples = evaluation["num_samples"] if args.num_samples is None else args.num_samples
     args.batch_size = args.batch_size or evaluation["batch_size"]
     args.ref = args.ref or evaluation["reference"]
+    args.data_dir = args.data_dir or cfg["data"]["data_dir"]
     if args.num_samples < 1:
         fail(f"--num-samples={args.num_samples} must be at least 1")
     for name in ("steps", "batch_size"):

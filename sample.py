@@ -7,10 +7,12 @@ and optionally a samples file for evaluate.py:
     python sample.py --checkpoint model/best_model.pth --sampler dpm++2m --steps 20 --guidance_interval 0.3,5
     python sample.py --checkpoint model/best_model.pth --num_samples 50000 --out samples.npz
     python sample.py --checkpoint model/best_model.pth --num_samples 100 --out samples/
+    python sample.py --checkpoint model/best_model.pth --config configs/cpu_2h.yaml --sampling.steps=10
 
+The sampling settings are the checkpoint's own, then those of --config PATH's sampling section, then
+--sampling.key=value overrides, then the flags, which win. The model and diffusion are the checkpoint's.
 The training scripts import sample_images, save_class_grid and save_timestep_grid from here.
 """
-import argparse
 import os
 import sys
 import time
@@ -19,13 +21,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import fail
+from config import ArgumentParser, fail, load_config
 from data import save_grid, to_uint8
 from diffusion import SAMPLERS, Diffusion
 from train_cpu import autocast_dtype_for
 
 # -----------------------------------------------------------------------------
 # sampling
+
+
+def unconditional(cfg):
+    """A model trained with every label replaced by the null class (model.class_dropout = 1, as train_cpu.py's
+    --class_cond False makes it): it draws from the whole data set, whatever class is asked for."""
+    return cfg["model"]["class_dropout"] >= 1
 
 
 def spacing_for(sampler):
@@ -38,8 +46,12 @@ def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidan
                   generator=None, callback=None, progress=False, guidance_interval=None, variance=None,
                   precision=None, compile=None):
     """Images in [-1, 1] for the given labels (N,), drawn in batches; unset arguments come from
-    cfg["sampling"]. callback(i, x, batch_index) sees each reverse step of each batch."""
+    cfg["sampling"]. callback(i, x, batch_index) sees each reverse step of each batch. An unconditional model
+    is given the null class, the only one it was trained on, and no guidance (there is nothing to guide to)."""
     s = cfg["sampling"]
+    m = cfg["model"]
+    if unconditional(cfg):
+        labels, guidance_scale = torch.full_like(labels, m["num_classes"]), 1.0
     sampler = sampler or s["sampler"]
     steps = steps or s["steps"]
     eta = s["eta"] if eta is None else eta
@@ -53,7 +65,6 @@ def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidan
     if s["compile"] if compile is None else compile:
         model = torch.compile(model)
     diffusion = Diffusion.from_config(cfg["diffusion"]).respace(steps, spacing_for(sampler))
-    m = cfg["model"]
     shape = (m["image_channels"], m["image_size"], m["image_size"])
     out = []
     batches = range(0, len(labels), batch_size)
@@ -70,9 +81,9 @@ def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidan
 
 def save_class_grid(model, cfg, class_names, path, classes=None, per_class=10, generator=None, progress=False,
                     **options):
-    """One row per class (all classes unless given), per_class samples each, rows labelled by name.
-    options are sample_images's: sampler, steps, eta, guidance_scale, guidance_interval, variance, batch_size,
-    precision, compile."""
+    """One row per class (all classes unless given), per_class samples each, rows labelled by name (rows of
+    plain samples for an unconditional model). options are sample_images's: sampler, steps, eta, guidance_scale,
+    guidance_interval, variance, batch_size, precision, compile."""
     device = next(model.parameters()).device
     classes = list(range(len(class_names))) if classes is None else classes
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
@@ -82,7 +93,10 @@ def save_class_grid(model, cfg, class_names, path, classes=None, per_class=10, g
     interval = chosen["guidance_interval"]
     interval = f" for sigma in ({interval[0]:g}, {interval[1]:g}]" if interval and chosen["guidance_scale"] != 1 else ""
     title = f"{chosen['sampler'].upper()}-{chosen['steps']}{eta}, guidance {chosen['guidance_scale']:g}{interval}"
-    save_grid(to_uint8(images).cpu(), path, nrow=per_class, row_labels=[class_names[c] for c in classes], title=title)
+    row_labels = [class_names[c] for c in classes]
+    if unconditional(cfg):
+        title, row_labels = f"{chosen['sampler'].upper()}-{chosen['steps']}{eta}, unconditional", None
+    save_grid(to_uint8(images).cpu(), path, nrow=per_class, row_labels=row_labels, title=title)
     return images
 
 
@@ -115,7 +129,7 @@ def save_timestep_grid(model, cfg, path, num_samples=10, num_snapshots=10, gener
 
 def write_samples_npz(path, model, cfg, labels, progress=True, **kwargs):
     """Samples go batch by batch into a file-backed array, so 50,000 of them never sit twice in memory;
-    the .npz is then written next to it and renamed into place."""
+    the .npz is then written next to it and renamed into place. An unconditional model's samples have no labels."""
     m = cfg["model"]
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -130,7 +144,8 @@ def write_samples_npz(path, model, cfg, labels, progress=True, **kwargs):
             images[start:start + len(y)] = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         images.flush()
         tmp = os.path.join(folder, f".tmp-{os.getpid()}.npz")
-        np.savez(tmp, images=images, labels=labels.cpu().numpy().astype(np.int64))
+        classes = {} if unconditional(cfg) else {"labels": labels.cpu().numpy().astype(np.int64)}
+        np.savez(tmp, images=images, **classes)
         os.replace(tmp, path)
     finally:
         del images
@@ -145,7 +160,8 @@ def write_samples_folder(folder, model, cfg, labels, class_names, progress=True,
         y = labels[start:start + batch_size]
         x = to_uint8(sample_images(model, cfg, y, batch_size=batch_size, **kwargs)).permute(0, 2, 3, 1).cpu().numpy()
         for j, (image, label) in enumerate(zip(x, y.tolist())):
-            Image.fromarray(image).save(os.path.join(folder, f"{class_names[label]}_{start + j:05d}.png"))
+            name = "sample" if unconditional(cfg) else class_names[label]
+            Image.fromarray(image).save(os.path.join(folder, f"{name}_{start + j:05d}.png"))
 
 
 def read_samples(path):
@@ -197,9 +213,10 @@ def parse_classes(text, num_classes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.error = fail  # one line, exit status 2, instead of argparse's usage block
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="--sampling.key=value sets any sampling value; the flags above win over it.")
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--config", help="a config file: its sampling section replaces the checkpoint's")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--sampler", choices=SAMPLERS)
     parser.add_argument("--steps", type=int, help="respaced steps, e.g. 1000, 250, 50, 20")
@@ -212,14 +229,14 @@ def main(argv=None):
     parser.add_argument("--per_class", type=int, default=10)
     parser.add_argument("--num_samples", type=int, default=0, help="with --out: this many samples, classes cycling")
     parser.add_argument("--out", help="samples.npz, or a folder/ for PNG files")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="default sampling.seed")
     parser.add_argument("--batch_size", type=int)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="the model's forward passes (sampling.precision)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_dir", default="outputs")
     parser.add_argument("--no-grids", action="store_true", help="skip the class and timestep grids")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse(argv)
     for name in ("steps", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)} must be at least 1")
@@ -231,6 +248,8 @@ def main(argv=None):
     from checkpoint import model_from_checkpoint
     from csrc import KERNELS_PATH
     model, cfg, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, map_location=args.device)
+    cfg = load_config(overrides, args.config, base=cfg, sections=("sampling",))
+    seed = cfg["sampling"]["seed"] if args.seed is None else args.seed
     names = state.get("class_names") or [str(i) for i in range(cfg["model"]["num_classes"])]
     classes = parse_classes(args.classes, cfg["model"]["num_classes"])
     options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
@@ -238,8 +257,8 @@ def main(argv=None):
                    precision=args.precision, compile=args.compile or None)
     print(f"{args.checkpoint}: step {state.get('step', '?')}, {'raw' if args.no_ema else 'EMA'} weights, "
           f"kernels: {KERNELS_PATH}, device {args.device}")
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    torch.manual_seed(args.seed)
+    generator = torch.Generator(args.device).manual_seed(seed)
+    torch.manual_seed(seed)
     started = time.time()
     if not args.no_grids:
         grid_path = os.path.join(args.output_dir, "sample_grid.png")

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from csrc import extension as _C
+from csrc import extension as _C, supports
 
 # -----------------------------------------------------------------------------
 # beta schedules
@@ -90,17 +90,17 @@ def ddim_step_reference(x_t, eps, noise, sqrt_recip_alpha_bar, sqrt_recipm1_alph
 
 
 def q_sample_op(x0, noise, coef_x0, coef_noise):
-    if _C is None:
+    if not supports("q_sample", x0):
         return q_sample_reference(x0, noise, coef_x0, coef_noise)
     return _C.q_sample(x0, noise, coef_x0, coef_noise)
 
 
 def ddpm_step(*args):
-    return ddpm_step_reference(*args) if _C is None else _C.ddpm_step(*args)
+    return _C.ddpm_step(*args) if supports("ddpm_step", args[0]) else ddpm_step_reference(*args)
 
 
 def ddim_step(*args):
-    return ddim_step_reference(*args) if _C is None else _C.ddim_step(*args)
+    return _C.ddim_step(*args) if supports("ddim_step", args[0]) else ddim_step_reference(*args)
 
 
 # -----------------------------------------------------------------------------

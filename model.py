@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from csrc import extension as _C
+import csrc
 
 # -----------------------------------------------------------------------------
-# attention: the one call site of the fused kernel
+# attention: the one call site of the fused kernel; csrc.attention_path chooses (DIT_ATTENTION)
 
 
 def attention_reference(q, k, v):
@@ -27,9 +27,12 @@ def attention_reference(q, k, v):
 
 
 def attention(q, k, v):
-    if _C is None:
-        return attention_reference(q, k, v)
-    return _C.attention(q, k, v)
+    path = csrc.attention_path(q)
+    if path == "fused":
+        return csrc.extension.attention(q, k, v)
+    if path == "sdpa":  # flash / cuDNN / memory-efficient kernels where they apply, PyTorch's math elsewhere
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return attention_reference(q, k, v)
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ so a busy machine slows them alike and the ratios stay fair.
 import torch
 import torch.nn.functional as F
 
+import csrc
 import diffusion
 import model
 from bench.common import cpu_name, matmul_gflops, race
@@ -46,6 +47,14 @@ def forward_only(fn, q, k, v):
     return run
 
 
+def verdict(device, fused_wins):
+    """The line that says whether csrc.FUSED_ATTENTION_WINS (what DIT_ATTENTION=auto does) agrees with the table."""
+    listed = device in csrc.FUSED_ATTENTION_WINS
+    agree = "agrees" if listed == fused_wins else "DISAGREES: update csrc.FUSED_ATTENTION_WINS and BENCHMARKS.md"
+    return (f"{device}: the fused attention {'beats' if fused_wins else 'does not beat'} SDPA forward+backward at "
+            f"the default DiT's shape; auto uses {'fused' if listed else 'SDPA'} there, which {agree}\n")
+
+
 shapes = [(64, 8, 2, 65, 48, "default DiT (token conditioning)"),
           (16, 4, 4, 256, 32, "UNet 16x16 attention"),
           (8, 8, 2, 257, 128, "long, wide heads")]
@@ -63,7 +72,10 @@ for B, H, KV, N, D, label in shapes:
         times = race([make(fn) for _, fn in contenders], repeats)
         print(f"| {B},{H},{KV},{N},{D} ({label}) | {pass_name} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} "
               f"| {times[1] / times[0]:.2f}x | {pass_flops / times[0] / 1e6:.0f} |")
+        if (B, H, KV, N, D, label) == shapes[0] and pass_name == "fwd+bwd":
+            default_fwd_bwd = times
 print(f"\n(GFLOP/s: 4*B*H*N^2*D for the forward, 3x that for forward+backward; matmul peak {peak_gflops:.0f})\n")
+print(verdict("cpu", default_fwd_bwd[0] < default_fwd_bwd[1]))
 
 # -----------------------------------------------------------------------------
 # noise steps on a batch of CIFAR-sized images
@@ -106,7 +118,7 @@ print()
 
 
 def training_step(net, optimizer, use_kernels):
-    model._C = diffusion._C = ops if use_kernels else None
+    csrc.extension, csrc.ATTENTION = (ops, "fused") if use_kernels else (None, "reference")
     x0, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     loss = process.training_losses(net, x0, y)[0].mean()
     optimizer.zero_grad(set_to_none=True)
@@ -114,12 +126,12 @@ def training_step(net, optimizer, use_kernels):
     optimizer.step()
 
 
-saved = model._C, diffusion._C
+saved = csrc.extension, csrc.ATTENTION
 net = model.DiT(conditioning="token")
 optimizer = make_optimizer(net, lr=1e-4)
 with_ms, without_ms = race([lambda: training_step(net, optimizer, True), lambda: training_step(net, optimizer, False)],
                            repeats=3)
-model._C, diffusion._C = saved
+csrc.extension, csrc.ATTENTION = saved
 params = sum(p.numel() for p in net.parameters()) / 1e6
 print(f"| default DiT training step (token, 384 x 12, 8/2 heads, {params:.1f}M params, batch 64, AdamW) | ms |")
 print("|---|---|")
@@ -128,17 +140,26 @@ print(f"| pure PyTorch (model.attention_reference, eager noise) | {without_ms:.0
 print(f"| speedup | {without_ms / with_ms:.2f}x |\n")
 
 # -----------------------------------------------------------------------------
-# CUDA, when there is a GPU
+# CUDA, when there is a GPU: the measurement behind csrc.FUSED_ATTENTION_WINS, at the model's shapes in bf16
 
-if torch.cuda.is_available():
+
+if torch.cuda.is_available() and csrc.supports("attention_forward", torch.empty(1, device="cuda")):
     print(f"GPU: {torch.cuda.get_device_name()}")
     print("| shape B,H,KV,N,D bf16 | pass | fused ms | SDPA ms | fused vs SDPA |")
     print("|---|---|---|---|---|")
-    for B, H, KV, N, D, label in shapes:
+    gpu_shapes = [(256, *shapes[0][1:])] + shapes  # first the default DiT at a GPU's batch of 256
+    for B, H, KV, N, D, label in gpu_shapes:
         q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(B, KV, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         grad_out = torch.randn_like(q)
         for pass_name, make in (("fwd", lambda fn: forward_only(fn, q, k, v)),
                                 ("fwd+bwd", lambda fn: forward_backward(fn, q, k, v, grad_out))):
             times = race([make(ops.attention), make(sdpa)], repeats=20, warmup=3, sync=torch.cuda.synchronize)
-            print(f"| {B},{H},{KV},{N},{D} | {pass_name} | {times[0]:.3f} | {times[1]:.3f} | {times[1] / times[0]:.2f}x |")
+            print(f"| {B},{H},{KV},{N},{D} ({label}) | {pass_name} | {times[0]:.3f} | {times[1]:.3f} "
+                  f"| {times[1] / times[0]:.2f}x |")
+            if (B, H, KV, N, D, label) == gpu_shapes[0] and pass_name == "fwd+bwd":
+                default_fwd_bwd = times
+    print()
+    print(verdict("cuda", default_fwd_bwd[0] < default_fwd_bwd[1]))
+elif torch.cuda.is_available():
+    print("(a GPU but no CUDA kernels in this build: make kernels with a CUDA toolkit matching torch's)\n")

@@ -1,6 +1,8 @@
 """
 The csrc kernels against their references: model.attention_reference and diffusion's *_reference
-formulas. Skipped as a whole when the extension is not built (make kernels). Run from the repo root.
+formulas, and which path model.py and diffusion.py take for a tensor. Skipped as a whole when the extension
+is not built (make kernels). Run from the repo root. The CUDA cases carry the cuda marker (pytest -m cuda,
+which make gpu-check runs) and skip without a GPU or without CUDA kernels in the build.
 """
 import itertools
 import os
@@ -10,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,12 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo root, for model, diffusion, csrc
 
 ops = pytest.importorskip("csrc.ops", reason="csrc extension not built (make kernels)")
+import csrc  # noqa: E402
 import diffusion  # noqa: E402
 import model  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+cuda_kernels = cuda_only + [pytest.mark.skipif(csrc.extension is None or "cuda" not in csrc._devices["q_sample"],
+                                               reason="the extension was built without CUDA (make kernels)")]
+devices = ["cpu", pytest.param("cuda", marks=cuda_kernels)]
 
 
 def qkv(B, H, KV, N, D, dtype=torch.float32, device="cpu", seed=0):
@@ -336,7 +342,8 @@ def test_noise_steps_check_inputs(op, args, message):
         op(*args)
 
 
-@cuda_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_checks_name_the_device():
     qc, kc = q.cuda(), k.cuda()
     with pytest.raises(RuntimeError, match=r"k must be on q's device cuda:0, got cpu"):
@@ -381,20 +388,140 @@ def dit_loss_and_grads(net, x0, y, t, noise):
     return loss.detach(), {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
 
-def test_dit_training_step_same_with_kernels(monkeypatch):
+@pytest.mark.parametrize("device", devices)
+def test_dit_training_step_same_with_kernels(monkeypatch, device):
     torch.manual_seed(0)
     net = model.DiT(hidden_dim=96, depth=2, num_heads=4, num_kv_heads=2, conditioning="token", class_dropout=0.0)
     for p in net.parameters():  # adaLN-Zero and the zero output layer would leave most gradients zero
         torch.nn.init.normal_(p, std=0.05)
-    x0, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
-    t, noise = torch.tensor([10, 900]), torch.randn(2, 3, 32, 32)
-    monkeypatch.setattr(model, "_C", ops)
-    monkeypatch.setattr(diffusion, "_C", ops)
+    net.to(device)
+    x0, y = torch.randn(2, 3, 32, 32, device=device), torch.tensor([1, 7], device=device)
+    t, noise = torch.tensor([10, 900], device=device), torch.randn(2, 3, 32, 32, device=device)
+    monkeypatch.setattr(csrc, "ATTENTION", "fused")
     loss, grads = dit_loss_and_grads(net, x0, y, t, noise)
-    monkeypatch.setattr(model, "_C", None)
-    monkeypatch.setattr(diffusion, "_C", None)
+    monkeypatch.setattr(csrc, "ATTENTION", "reference")
+    monkeypatch.setattr(csrc, "extension", None)  # the noise steps too
     ref_loss, ref_grads = dit_loss_and_grads(net, x0, y, t, noise)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# -----------------------------------------------------------------------------
+# which path a tensor takes: the fused op only where the build has a kernel for its device and dtype
+
+
+def test_supports_follows_the_dispatcher():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():  # a CUDA tensor's device and dtype, without a GPU
+        tensors = {device: torch.empty(2, 3, device=device) for device in ("cpu", "cuda")}
+    for op in csrc.OPS:
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"dit_kernels::{op}", key)
+            assert csrc.supports(op, tensors[device]) == registered, (op, device)
+        assert csrc.supports(op, tensors["cpu"].bfloat16())
+        assert not csrc.supports(op, tensors["cpu"].half()) and not csrc.supports(op, tensors["cpu"].double())
+        assert not csrc.supports(op, torch.empty(2, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_noise_steps_fall_back_for_dtypes_the_kernels_do_not_take(dtype):
+    images, process, t = noise_inputs(3, dtype=dtype)
+    coefs = sampler_coefs("ddim", process, t)
+    assert torch.equal(diffusion.q_sample_op(*images[:2], *coefs[:2]), diffusion.q_sample_reference(*images[:2], *coefs[:2]))
+    assert torch.equal(diffusion.ddpm_step(*images, *coefs, True), diffusion.ddpm_step_reference(*images, *coefs, True))
+    assert torch.equal(diffusion.ddim_step(*images, *coefs, True), diffusion.ddim_step_reference(*images, *coefs, True))
+    q, k, v = (t.detach().to(dtype) for t in qkv(2, 4, 2, 9, 16))
+    torch.testing.assert_close(model.attention(q, k, v), model.attention_reference(q, k, v), atol=1e-3, rtol=1e-3)
+
+
+def test_meta_tensors_take_the_pytorch_path():
+    x, c = torch.empty(2, 3, 4, 4, device="meta"), torch.empty(2, device="meta")
+    assert diffusion.ddim_step(x, x, x, c, c, c, c, c, True).device.type == "meta"
+    q, k = torch.empty(2, 4, 9, 16, device="meta"), torch.empty(2, 2, 9, 16, device="meta")
+    assert model.attention(q, k, k).shape == q.shape
+
+
+def test_cuda_tensors_skip_a_build_without_cuda_kernels(monkeypatch):
+    """DIT_KERNELS=auto on a GPU machine with an extension built without CUDA (a login node's build, or no
+    matching toolkit): CUDA tensors must take the PyTorch path, not reach the dispatcher, which has no
+    kernel for them. Fake CUDA tensors stand in for real ones; the stub raises as the dispatcher would."""
+    if "cuda" in csrc._devices["q_sample"]:
+        pytest.skip("this build has CUDA kernels")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def no_cuda_kernel(*args):
+        raise NotImplementedError("Could not run this op with arguments from the 'CUDA' backend")
+
+    stub = SimpleNamespace(attention=no_cuda_kernel, q_sample=no_cuda_kernel, ddpm_step=no_cuda_kernel,
+                           ddim_step=no_cuda_kernel)
+    monkeypatch.setattr(csrc, "extension", stub)
+    monkeypatch.setattr(diffusion, "_C", stub)
+    with FakeTensorMode():
+        x, c = torch.empty(2, 3, 4, 4, device="cuda"), torch.empty(2, device="cuda")
+        assert diffusion.q_sample_op(x, x, c, c).device.type == "cuda"
+        assert diffusion.ddpm_step(x, x, x, c, c, c, c, c, True).device.type == "cuda"
+        assert diffusion.ddim_step(x, x, x, c, c, c, c, c, True).device.type == "cuda"
+        q, k = torch.empty(2, 4, 9, 16, device="cuda"), torch.empty(2, 2, 9, 16, device="cuda")
+        assert model.attention(q, k, k).device.type == "cuda"
+
+
+def test_attention_auto_is_fused_on_cpu_and_sdpa_on_cuda():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        cpu, cuda = torch.empty(1, 2, 3, 8), torch.empty(1, 2, 3, 8, device="cuda")
+    assert csrc.attention_path(cpu) == "fused"  # measured faster than SDPA on CPU (BENCHMARKS.md)
+    assert csrc.attention_path(cuda) == "sdpa"  # not (yet) on CUDA, so SDPA's flash / cuDNN kernels
+    assert csrc.attention_path(cpu.half()) == "sdpa"
+
+
+@pytest.mark.parametrize("choice", ["fused", "sdpa", "reference"])
+def test_dit_attention_chooses_the_path(choice):
+    """DIT_ATTENTION overrides auto; every path gives the reference's numbers."""
+    script = ("import sys, torch; sys.path.insert(0, '.'); import csrc, model; q, k, v = (torch.randn(2, h, 9, 16) "
+              "for h in (4, 2, 2)); print(csrc.attention_path(q), csrc.KERNELS_PATH); "
+              "torch.testing.assert_close(model.attention(q, k, v), model.attention_reference(q, k, v))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "DIT_ATTENTION": choice})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"{choice} ") and f"attention: {choice}" in result.stdout
+
+
+@pytest.mark.skipif(os.environ.get("DIT_CUDA") != "1", reason="only for a build made with DIT_CUDA=1 (CI)")
+def test_cuda_build_registers_the_cuda_kernels():
+    """CI builds with DIT_CUDA=1 on a machine without a GPU: the library must have linked, loaded and
+    registered a CUDA kernel of every op."""
+    assert all("cuda" in csrc._devices[op] for op in csrc.OPS), csrc._devices
+
+
+# -----------------------------------------------------------------------------
+# the samplers on CUDA, with the CUDA kernels against the PyTorch path
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", devices)
+def test_samplers_same_with_kernels(monkeypatch, device, dtype, sampler):
+    torch.manual_seed(0)
+    net = model.DiT(hidden_dim=64, depth=2, num_heads=4, num_kv_heads=2, class_dropout=0.0).to(device).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    process = diffusion.Diffusion(diffusion.get_beta_schedule("linear", 1000)).respace(10)
+    y = torch.tensor([0, 3, 9], device=device)
+
+    def draw():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return process.sample(net, (3, 3, 32, 32), y, sampler=sampler, guidance_scale=2.0, null_class=10,
+                                  generator=torch.Generator(device).manual_seed(0))
+
+    monkeypatch.setattr(csrc, "ATTENTION", "fused")
+    fused = draw()
+    monkeypatch.setattr(csrc, "ATTENTION", "reference")
+    monkeypatch.setattr(csrc, "extension", None)
+    reference = draw()
+    assert fused.shape == (3, 3, 32, 32) and torch.isfinite(fused).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+    else:  # the two attentions round differently in bf16, and ten steps carry a rare pixel further apart
+        assert (fused - reference).abs().mean() < 1e-2, (fused - reference).abs().mean()

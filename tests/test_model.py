@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import csrc
 import model as model_module
 from config import load_config
 from diffusion import Diffusion, get_beta_schedule
@@ -110,10 +111,11 @@ def test_class_changes_output_once_trained():
     assert (a - b).abs().max().item() > 1e-4
 
 
-def test_attention_falls_back_to_reference_without_extension(monkeypatch):
-    monkeypatch.setattr(model_module, "_C", None)
+def test_attention_falls_back_to_sdpa_without_extension(monkeypatch):
+    monkeypatch.setattr(csrc, "extension", None)
     q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    assert torch.equal(model_module.attention(q, k, v), attention_reference(q, k, v))
+    assert csrc.attention_path(q) == "sdpa"
+    torch.testing.assert_close(model_module.attention(q, k, v), attention_reference(q, k, v))
 
 
 @pytest.mark.parametrize("name", ["dit", "unet"])

@@ -339,5 +339,7 @@ def model_summary(model, model_cfg):
 
 @torch.no_grad()
 def update_ema(ema_model, model, rate):
-    for ema_p, p in zip(ema_model.parameters(), model.parameters()):
-        ema_p.lerp_(p.detach(), 1 - rate)
+    """ema = rate * ema + (1 - rate) * model, for every parameter in one multi-tensor kernel launch (per device
+    and dtype) instead of one small lerp_ each: on a GPU, hundreds of launches a step for the DiT."""
+    ema_params, params = list(ema_model.parameters()), [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1 - rate)

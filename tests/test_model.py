@@ -139,3 +139,13 @@ def test_update_ema_moves_toward_model():
     update_ema(ema, model, 0.9)
     for e, b, p in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, 0.9 * b + 0.1 * p)
+
+
+def test_update_ema_equals_a_lerp_per_parameter():
+    model, ema = tiny_dit(), tiny_dit()
+    for p in list(model.parameters()) + list(ema.parameters()):
+        torch.nn.init.normal_(p)
+    expected = [e.detach().clone().lerp_(p.detach(), 1 - 0.999) for e, p in zip(ema.parameters(), model.parameters())]
+    update_ema(ema, model, 0.999)
+    for e, want in zip(ema.parameters(), expected):
+        assert torch.equal(e, want)

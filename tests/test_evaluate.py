@@ -383,3 +383,49 @@ def test_compare_scores_every_checkpoint_at_every_cell_and_resumes(workspace, tm
     expect_one_line_error(capsys, lambda: evaluate.main(args[:3] + ["--cells", "euler-20"] + args[5:]),
                           "euler-20", "ddpm, ddim, dpm++2m")
     expect_one_line_error(capsys, lambda: evaluate.main(args[:3] + ["--cells", "ddim-x"] + args[5:]), "ddim-x")
+
+
+# -----------------------------------------------------------------------------
+# the command line: --config, --section.key=value, both spellings
+
+
+def evaluated(workspace, out, checkpoint, *extra):
+    evaluate.main(["--checkpoint", checkpoint, *extra] + common_args(workspace, out))
+    with open(out / "evaluation_results.json") as f:
+        return json.load(f)
+
+
+def test_config_and_overrides_set_what_evaluate_samples(workspace, tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pth")  # sampling.steps=2 of its own
+    results = evaluated(workspace, tmp_path / "a", checkpoint, "--evaluation.num_samples=3", "--sampling.steps=3")
+    assert (results["num_samples"], results["steps"], results["seed"]) == (3, 3, 0)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("evaluation:\n  num_samples: 5\nsampling:\n  steps: 4\n  seed: 7\n")
+    results = evaluated(workspace, tmp_path / "b", checkpoint, "--config", str(preset))
+    assert (results["num_samples"], results["steps"], results["seed"]) == (5, 4, 7)
+    # the flags win, in either spelling
+    results = evaluated(workspace, tmp_path / "c", checkpoint, "--config", str(preset), "--num_samples", "2",
+                        "--steps", "1", "--guidance_scale", "2")
+    assert (results["num_samples"], results["steps"], results["guidance_scale"]) == (2, 1, 2.0)
+
+
+def test_evaluate_takes_the_data_dir_from_the_config(workspace, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(evaluate, "real_test_images", lambda args: seen.append(args.data_dir))
+    out = tmp_path / "out"
+    args = common_args(workspace, out)
+    del args[:2]  # no --data-dir flag
+    evaluate.main(["--checkpoint", tiny_checkpoint(tmp_path / "tiny.pth"), "--num-samples", "2",
+                   f"--data.data_dir={workspace['data']}"] + args)
+    assert seen == [workspace["data"]]
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("--model.depth=2", "'--model.depth=2' cannot be set here"),
+    ("--evaluation.num_samples=0", "--num-samples=0 must be at least 1"),
+    ("--evaluation.no_such_key=1", "unknown option '--evaluation.no_such_key=1'"),
+])
+def test_settings_evaluate_cannot_use_are_one_line_errors(workspace, tmp_path, capsys, arg, fragment):
+    run = lambda: evaluate.main(["--checkpoint", tiny_checkpoint(tmp_path / "tiny.pth"), arg]  # noqa: E731
+                                + common_args(workspace, tmp_path))
+    expect_one_line_error(capsys, run, fragment)

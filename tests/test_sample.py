@@ -9,6 +9,7 @@ import evaluate
 import sample
 from checkpoint import model_from_checkpoint, save_checkpoint
 from data import to_uint8
+from diffusion import Diffusion
 from test_evaluate import common_args, expect_one_line_error, tiny_checkpoint, workspace  # noqa: F401 (fixture)
 
 
@@ -113,3 +114,78 @@ def test_sampling_compile_option_compiles_the_model(tiny, monkeypatch):
     cfg["sampling"]["compile"] = True
     sample.sample_images(model, cfg, torch.tensor([0]), sampler="ddim", steps=2, precision="fp32")
     assert compiled == [model, model]
+
+
+# -----------------------------------------------------------------------------
+# the command line: --config, --section.key=value, both spellings
+
+
+def steps_sampled(monkeypatch, argv):
+    """The respaced step counts the sampler ran with, when sample.py is run with argv."""
+    seen = []
+    real_sample = Diffusion.sample
+
+    def recording(self, *args, **kwargs):
+        seen.append(len(self.timestep_map))
+        return real_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(Diffusion, "sample", recording)
+    sample.main(argv)
+    return seen
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], 2),  # the checkpoint's own sampling.steps
+    (["--sampling.steps=3"], 3),
+    (["--sampling.steps=3", "--steps", "5"], 5),  # a flag wins over an override
+    (["--config", "PRESET"], 4),
+    (["--config", "PRESET", "--sampling.steps=3"], 3),  # overrides come after the preset
+])
+def test_config_and_overrides_set_the_sampling_steps(tiny, tmp_path, monkeypatch, extra, expected):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("model:\n  depth: 12\nsampling:\n  steps: 4\n")  # the model stays the checkpoint's
+    extra = [str(preset) if a == "PRESET" else a for a in extra]
+    argv = ["--checkpoint", tiny, "--no_grids", "--num-samples", "2", "--out", str(tmp_path / "s.npz"),
+            "--output-dir", str(tmp_path)] + extra
+    assert steps_sampled(monkeypatch, argv) == [expected]
+
+
+def test_sampling_seed_override_is_the_default_seed(tiny, tmp_path):
+    def images(*extra):
+        path = str(tmp_path / f"{len(os.listdir(tmp_path))}.npz")
+        sample.main(["--checkpoint", tiny, "--no-grids", "--num_samples", "2", "--out", path, *extra])
+        return sample.read_samples(path)[0]
+    by_override, by_flag, default = images("--sampling.seed=5"), images("--seed", "5"), images()
+    np.testing.assert_array_equal(by_override, by_flag)
+    assert not np.array_equal(by_override, default)
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("--model.depth=2", "'--model.depth=2' cannot be set here"),
+    ("--evaluation.num_samples=3", "expected a key of sampling"),
+    ("--sampling.no_such_key=1", "unknown option '--sampling.no_such_key=1'"),
+    ("--bogus", "unknown option '--bogus'"),
+])
+def test_settings_sample_py_cannot_use_are_one_line_errors(tiny, tmp_path, capsys, arg, fragment):
+    run = lambda: sample.main(["--checkpoint", tiny, "--no-grids", "--output_dir", str(tmp_path), arg])
+    expect_one_line_error(capsys, run, fragment)
+
+
+# -----------------------------------------------------------------------------
+# an unconditional model (train_cpu.py --class_cond False)
+
+
+def test_unconditional_model_ignores_the_asked_class_and_writes_no_labels(tmp_path):
+    path = tiny_checkpoint(tmp_path / "uncond.pth", overrides=["--model.class_dropout=1.0"])
+    model, cfg, _ = model_from_checkpoint(path)
+    seen = []
+    model.cond_embed.class_embed.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0]))
+    draw = lambda labels, scale: sample.sample_images(model, cfg, torch.tensor(labels), sampler="ddim", steps=2,  # noqa: E731
+                                                      guidance_scale=scale, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draw([0, 7], 3.0), draw([3, 3], 1.0), rtol=0, atol=0)
+    assert all((y == 10).all() and len(y) == 2 for y in seen)  # the null class, one evaluation a step (no guidance)
+    sample.save_class_grid(model, cfg, [f"class{i}" for i in range(10)], str(tmp_path / "grid.png"), per_class=2)
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    sample.write_samples_npz(str(tmp_path / "s.npz"), model, cfg, torch.tensor([0, 1, 2]), progress=False)
+    images, labels = sample.read_samples(str(tmp_path / "s.npz"))
+    assert images.shape == (3, 32, 32, 3) and labels is None

@@ -126,20 +126,67 @@ def test_training_loss_is_per_sample_and_zero_for_oracle():
 
 
 def test_noise_step_references_agree_with_closed_forms():
-    B = 5
-    x_t, eps, noise = torch.randn(3, B, 3, 4, 4).unbind(0)
-    c = torch.rand(7, B) + 0.1
-    out = q_sample_reference(x_t, eps, c[0], c[1])
-    torch.testing.assert_close(out, c[0].view(-1, 1, 1, 1) * x_t + c[1].view(-1, 1, 1, 1) * eps)
-    x0 = (c[0].view(-1, 1, 1, 1) * x_t - c[1].view(-1, 1, 1, 1) * eps)
-    ddpm = ddpm_step_reference(x_t, eps, noise, c[0], c[1], c[2], c[3], c[4], False)
-    torch.testing.assert_close(ddpm, c[2].view(-1, 1, 1, 1) * x0 + c[3].view(-1, 1, 1, 1) * x_t
-                               + c[4].view(-1, 1, 1, 1) * noise)
-    ddim = ddim_step_reference(x_t, eps, noise, c[0], c[1], c[2], c[3], c[4], False)
-    torch.testing.assert_close(ddim, c[2].view(-1, 1, 1, 1) * x0 + c[3].view(-1, 1, 1, 1) * eps
-                               + c[4].view(-1, 1, 1, 1) * noise, rtol=1e-5, atol=1e-5)
-    clipped = ddpm_step_reference(x_t * 50, eps, noise, c[0], c[1], torch.ones(B), torch.zeros(B), torch.zeros(B), True)
-    assert clipped.abs().max().item() <= 1.0
+    """The noise-step references, fed Diffusion's coefficient tables, against float64 numpy values derived
+    from the betas alone by another route: alpha_bar as a running product, the posterior q(x_{t-1} | x_t, x0)
+    by Bayes' rule for two Gaussians (precisions add), and DDIM by its defining properties (eta 0 puts x0 and
+    eps back at t - 1, eta 1 is the DDPM posterior)."""
+    betas = get_beta_schedule("cosine", T)
+    d = Diffusion(betas)
+    alpha_bar, running = np.empty(T), 1.0
+    for i, beta in enumerate(betas):
+        running *= 1.0 - beta
+        alpha_bar[i] = running
+    t = np.array([0, 1, 17, 500, 998, T - 1])
+    B = len(t)
+    ab, alpha, beta = alpha_bar[t], 1.0 - betas[t], betas[t]
+    ab_prev = np.where(t > 0, alpha_bar[np.maximum(t - 1, 0)], 1.0)
+    rng = np.random.default_rng(0)
+    x0, eps, z = rng.uniform(-1, 1, (B, 3, 4, 4)), rng.normal(size=(B, 3, 4, 4)), rng.normal(size=(B, 3, 4, 4))
+    col = lambda a: a.reshape(-1, 1, 1, 1)  # noqa: E731
+    x_t = col(np.sqrt(ab)) * x0 + col(np.sqrt(1 - ab)) * eps  # the definition of q(x_t | x0)
+
+    def posterior(x0_given):  # mean and variance of q(x_{t-1} | x_t, x0) by Bayes; at t = 0 x0 itself
+        with np.errstate(divide="ignore", invalid="ignore"):
+            variance = 1.0 / (1.0 / (1 - ab_prev) + alpha / beta)
+            mean = col(variance) * (col(np.sqrt(ab_prev) / (1 - ab_prev)) * x0_given + col(np.sqrt(alpha) / beta) * x_t)
+        return np.where(col(t) > 0, mean, x0_given), np.where(t > 0, variance, 0.0)
+
+    tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    tt = torch.tensor(t)
+    recip = [d.coef("sqrt_recip_alpha_bar", tt), d.coef("sqrt_recipm1_alpha_bar", tt)]
+    close = dict(rtol=1e-4, atol=2e-4)  # float32 steps against float64 values of order 1
+
+    q = q_sample_reference(tensor(x0), tensor(eps), d.coef("sqrt_alpha_bar", tt), d.coef("sqrt_one_minus_alpha_bar", tt))
+    torch.testing.assert_close(q, tensor(x_t), **close)
+
+    mean, variance = posterior(x0)
+    sigma = d.coef("posterior_variance", tt).sqrt()
+    ddpm = ddpm_step_reference(tensor(x_t), tensor(eps), tensor(z), *recip, d.coef("posterior_mean_coef_x0", tt),
+                               d.coef("posterior_mean_coef_xt", tt), sigma, False)
+    torch.testing.assert_close(ddpm, tensor(mean + col(np.sqrt(variance)) * z), **close)
+
+    ab_prev_t, ab_t = d.coef("alpha_bar_prev", tt), d.coef("alpha_bar", tt)
+    ddim0 = ddim_step_reference(tensor(x_t), tensor(eps), tensor(z), *recip, ab_prev_t.sqrt(), (1 - ab_prev_t).sqrt(),
+                                torch.zeros(B), False)
+    torch.testing.assert_close(ddim0, tensor(col(np.sqrt(ab_prev)) * x0 + col(np.sqrt(1 - ab_prev)) * eps), **close)
+    sigma1 = ((1 - ab_prev_t) / (1 - ab_t) * (1 - ab_t / ab_prev_t)).sqrt()  # DDIM's sigma at eta = 1
+    ddim1 = ddim_step_reference(tensor(x_t), tensor(eps), tensor(z), *recip, ab_prev_t.sqrt(),
+                                (1 - ab_prev_t - sigma1 ** 2).clamp(min=0).sqrt(), sigma1, False)
+    torch.testing.assert_close(ddim1, tensor(mean + col(np.sqrt(variance)) * z), **close)
+
+    # clipping: a prediction whose x0 leaves [-1, 1] steps from the clipped x0 (DDIM re-derives eps from it)
+    wild = eps * 40
+    x0_wild = col(1 / np.sqrt(ab)) * x_t - col(np.sqrt(1 / ab - 1)) * wild
+    x0_clipped = np.clip(x0_wild, -1, 1)
+    assert (np.abs(x0_wild) > 1).any()
+    ddpm = ddpm_step_reference(tensor(x_t), tensor(wild), tensor(z), *recip, d.coef("posterior_mean_coef_x0", tt),
+                               d.coef("posterior_mean_coef_xt", tt), torch.zeros(B), True)
+    torch.testing.assert_close(ddpm, tensor(posterior(x0_clipped)[0]), **close)
+    eps_clipped = (x_t - col(np.sqrt(ab)) * x0_clipped) / col(np.sqrt(1 - ab))
+    ddim0 = ddim_step_reference(tensor(x_t), tensor(wild), tensor(z), *recip, ab_prev_t.sqrt(), (1 - ab_prev_t).sqrt(),
+                                torch.zeros(B), True)
+    torch.testing.assert_close(ddim0, tensor(col(np.sqrt(ab_prev)) * x0_clipped + col(np.sqrt(1 - ab_prev)) * eps_clipped),
+                               **close)
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PY ?= $(VENV_PY)
 ARGS ?=
+# the CPU recipe's config; on a GPU machine train_ddp.py reads config.yaml unless CONFIG is given
 CONFIG ?= configs/cpu_2h.yaml
 # what make train wrote last: train_ddp.py's latest or best model, or the newest run of the CPU recipe
 CHECKPOINT ?= $(or $(shell ls -t model/cifar10_dit_ckpt.pth model/best_model.pth outputs/*/checkpoint.pth 2>/dev/null \
@@ -18,7 +19,7 @@ export CUDA_HOME
 NUM_GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 NPROC ?= $(if $(filter-out 0,$(NUM_GPUS)),$(NUM_GPUS),1)
 
-.PHONY: setup test train sample eval kernels kernels-cuda bench clean
+.PHONY: setup test train sample eval kernels try-kernels kernels-cuda bench gpu-check clean
 
 setup: $(if $(filter $(VENV_PY),$(PY)),.venv/.installed)
 
@@ -29,9 +30,10 @@ setup: $(if $(filter $(VENV_PY),$(PY)),.venv/.installed)
 	touch $@
 
 # the main job: torchrun on every GPU there is, else the CPU recipe
-train: setup
+train: setup try-kernels
 ifneq ($(filter-out 0,$(NUM_GPUS)),)
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) train_ddp.py $(ARGS)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) train_ddp.py \
+	  $(if $(filter command line environment,$(origin CONFIG)),--config $(CONFIG)) $(ARGS)
 else
 	$(PY) train_cpu.py --config $(CONFIG) $(ARGS)
 endif
@@ -42,29 +44,37 @@ sample: setup
 eval: setup
 	$(PY) evaluate.py --checkpoint $(CHECKPOINT) --num-samples $(NUM_SAMPLES) --all-metrics $(ARGS)
 
-# the C++ (and, with a CUDA toolkit, CUDA) extension, built in place; scripts fall back to PyTorch without it
+# the C++ extension, and its CUDA kernels where nvcc matches torch's CUDA (DIT_CUDA=1 forces, 0 disables), in
+# place; scripts fall back to PyTorch without it
 kernels: setup
 	$(PY) setup.py build_ext --inplace
 
-# compile the CUDA sources for sm_80 and sm_90 without a GPU: catches build errors on CPU-only machines
-# (-std=c++20: torch 2.14's headers need it; the objects go to build/ and are not linked)
-TORCH_INCLUDE = $(shell $(PY) -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))" 2>/dev/null)
-PYTHON_INCLUDE = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null)
-kernels-cuda: setup
-	mkdir -p build/cuda-check
-	for f in csrc/cuda/*.cu; do \
-	  $(CUDA_HOME)/bin/nvcc -c $$f -o build/cuda-check/$$(basename $$f .cu).o -std=c++20 -O3 $(TORCH_INCLUDE) \
-	    -I$(PYTHON_INCLUDE) -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-	    --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-	    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ || exit 1; \
-	done
-	@echo "CUDA sources compile for sm_80 and sm_90"
+# what test and train build first: the kernels where the build succeeds; where it fails (no compiler, Apple
+# clang, a broken toolkit) one line says so and everything runs on the PyTorch path
+try-kernels: setup
+	@mkdir -p build
+	@echo "csrc: building the kernels (log: build/kernels.log)"
+	@if $(PY) setup.py build_ext --inplace > build/kernels.log 2>&1; then grep -h '^csrc:' build/kernels.log; \
+	else echo "note: the csrc kernels did not build (build/kernels.log): running on the PyTorch path"; fi
 
-test: setup kernels
+# the real CUDA build of setup.py into build/cuda-ext, leaving the in-place library alone, and a check that it
+# loads and registers the CUDA kernels: proves compiling and linking on a machine with nvcc and no GPU
+kernels-cuda: setup
+	DIT_CUDA=1 $(PY) setup.py build_ext --build-lib build/cuda-ext --build-temp build/cuda-temp
+	$(PY) -c "import glob, torch; torch.ops.load_library(glob.glob('build/cuda-ext/csrc/_C*.so')[0]); \
+	  assert torch._C._dispatch_has_kernel_for_dispatch_key('dit_kernels::attention_forward', 'CUDA'); \
+	  print('build/cuda-ext: the CUDA build links, loads and registers its CUDA kernels')"
+
+test: setup try-kernels
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup kernels
 	$(PY) -m bench $(ARGS)
+
+# one command for a GPU machine, about 8 minutes: the CUDA build and tests, throughput, a preempted and resumed
+# torchrun, sampling time; writes outputs/gpu_check/. DRY_RUN=1: the same on a tiny model and the CPU
+gpu-check: setup
+	$(PY) gpu_check.py $(if $(filter 1,$(DRY_RUN)),--dry-run) $(ARGS)
 
 clean:
 	rm -rf build csrc/*.so csrc/__pycache__ __pycache__ tests/__pycache__

@@ -25,6 +25,7 @@ ATTENTION = os.environ.get("DIT_ATTENTION", "auto")
 # tiles) has not been measured faster than SDPA's flash and cuDNN kernels, so auto leaves CUDA to SDPA
 FUSED_ATTENTION_WINS = {"cpu"}
 OPS = ("attention_forward", "attention_backward", "q_sample", "ddpm_step", "ddim_step")
+DTYPES = (torch.float32, torch.bfloat16)  # what every kernel takes (the C++ checks name the same two)
 
 
 def _fail(message):
@@ -69,7 +70,6 @@ def attention_path(q):
     return "fused" if q.device.type in FUSED_ATTENTION_WINS and supports("attention_forward", q) else "sdpa"
 
 
-DTYPES = (torch.float32, torch.bfloat16)  # what every kernel takes (the C++ checks name the same two)
 extension, _devices, _path = _load()
 _fused_on = sorted(FUSED_ATTENTION_WINS & _devices.get("attention_forward", set()))
 KERNELS_PATH = f"{_path} | attention: " + (

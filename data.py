@@ -67,13 +67,23 @@ def find_data_dir(data_dir=""):
     where = f"put there {LAYOUTS}; or pass --data.data_dir=DIR (or set CIFAR10_DIR)"
     if not online(CIFAR10_HOST):
         fail(f"no CIFAR-10 data in {target!r} and this machine is offline ({CIFAR10_HOST} does not answer): {where}")
+    import shutil
+    import tempfile
     import torchvision
     print(f"downloading CIFAR-10 into {target}/ ...")
+    # into a folder of its own, then renamed into place whole: another process reading the data (a second
+    # node on a shared disk, a run started meanwhile) sees no batches or all of them, never half-extracted ones
+    os.makedirs(target, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=target, prefix=".download-")
     try:
-        torchvision.datasets.CIFAR10(target, train=True, download=True)
+        torchvision.datasets.CIFAR10(staging, train=True, download=True)
+        os.rename(os.path.join(staging, BATCHES), os.path.join(target, BATCHES))
     except (OSError, RuntimeError) as e:  # a dropped connection, an HTTP error, a corrupt archive
-        first_line = str(e).partition("\n")[0][:200]  # may be empty; never an IndexError
-        fail(f"downloading CIFAR-10 into {target!r} failed ({type(e).__name__}: {first_line}): {where}")
+        if batches_dir(target) is None:  # else another process's download got there first, which is as good
+            first_line = str(e).partition("\n")[0][:200]  # may be empty; never an IndexError
+            fail(f"downloading CIFAR-10 into {target!r} failed ({type(e).__name__}: {first_line}): {where}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the 170 MB archive too: the batches are all that is read
     return os.path.join(target, BATCHES)
 
 

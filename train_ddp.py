@@ -9,12 +9,12 @@ The main training script. The same file runs on one CPU, one GPU, many GPUs and 
 Every config value is an option (--section.key=value). Rank 0 alone writes: model/cifar10_dit_ckpt.pth
 every save_every epochs, model/best_model.pth when the epoch loss improves, model/checkpoint_epoch_{N}.pth
 at training.checkpoint_epochs, outputs/training_log.csv and training_loss.png, and at the end
-outputs/sample_grid.png and outputs/timestep_grid_10x10.png from the EMA weights.
+outputs/sample_grid.png and outputs/timestep_grid_10x10.png from the EMA weights. --resume auto continues
+from whichever of those checkpoints holds the most steps and can be read (none: a fresh start).
 """
 import copy
 import csv
 import glob
-import math
 import os
 import signal
 import sys
@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (UnreadableCheckpoint, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint,
+                        set_rng_state)
 from config import fail, load_config
 from csrc import KERNELS_PATH
 from data import load_cifar10, plot_curves, random_batches
@@ -51,12 +52,7 @@ cfg = load_config(argv)
 tc = cfg["training"]
 ckpt_dir, out_dir = tc["checkpoint_dir"], tc["output_dir"]
 latest_path = os.path.join(ckpt_dir, "cifar10_dit_ckpt.pth")
-if resume == "auto":
-    resume = latest_path if os.path.exists(latest_path) else None  # nothing yet: start fresh
-resumed = load_checkpoint(resume) if resume else None
-if resumed is not None:
-    cfg = load_config(argv, base=resumed["config"])  # the run's own config, with the given overrides on top
-    tc = cfg["training"]
+best_path = os.path.join(ckpt_dir, "best_model.pth")
 
 # -----------------------------------------------------------------------------
 # distributed setup from torchrun's environment; plain python is a world of one
@@ -94,12 +90,6 @@ else:
     device = torch.device("cpu")
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins; else the cores are shared out
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-autocast_dtype = autocast_dtype_for(tc["precision"], device)
-if distributed and device.type == "cpu" and tc["precision"] == "auto":
-    # each rank timed its own matmuls; bf16 only if every one of them chose it, so that all ranks agree
-    chose_bf16 = torch.tensor([int(autocast_dtype is not None)])
-    dist.all_reduce(chose_bf16, op=dist.ReduceOp.MIN)
-    autocast_dtype = torch.bfloat16 if chose_bf16.item() else None
 
 
 def log(message):
@@ -107,20 +97,77 @@ def log(message):
         tqdm.write(message)
 
 
+def fail_together(message):
+    """Stop every rank with exit status 2, rank 0 saying why in one line. All ranks must call it."""
+    if distributed:
+        dist.destroy_process_group()
+    if master:
+        fail(message)
+    raise SystemExit(2)
+
+
+# -----------------------------------------------------------------------------
+# resume: rank 0 chooses the checkpoint and every rank reads that one. Each choosing from its own disk (nodes
+# without a shared filesystem) would start the ranks at different steps, and the first collective would hang.
+
+if resume == "auto":
+    choice = [None]
+    if master:  # the file with the most steps that can be read, so a corrupt newest one costs only its steps
+        epoch_paths = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth")))
+        choice = [newest_checkpoint([latest_path, best_path, *epoch_paths])[0]]
+    if distributed:
+        dist.broadcast_object_list(choice)
+    resume = choice[0]
+    if resume is None:
+        log(f"--resume auto: no checkpoint in {ckpt_dir}/, starting from step 0")
+resumed = None
+if resume:  # every rank reads it, and all stop with one line if one cannot or finds another step in its copy
+    try:
+        if not os.path.isfile(resume):
+            raise UnreadableCheckpoint("does not exist")
+        resumed = read_checkpoint(resume)
+        report = ("", resumed.get("step"))
+    except UnreadableCheckpoint as e:
+        report = (f"checkpoint {resume!r} {e}", None)
+    reports = [report] * world_size
+    if distributed:
+        dist.all_gather_object(reports, report)
+    for r, (why, resumed_step) in enumerate(reports):
+        where, hint = (f"rank {r}: ", "; every node needs it: put training.checkpoint_dir on a disk they all share, "
+                                      "or copy the file to each") if distributed else ("", "")
+        if why:
+            fail_together(where + why + hint)
+        if resumed_step != reports[0][1]:
+            fail_together(f"{where}its copy of {resume!r} is at step {resumed_step}, rank 0's at step "
+                          f"{reports[0][1]}{hint}")
+    cfg = load_config(argv, base=resumed["config"])  # the run's own config, with the given overrides on top
+    tc = cfg["training"]
+
+autocast_dtype = autocast_dtype_for(tc["precision"], device)  # the resumed run's precision, unless overridden
+if distributed and device.type == "cpu" and tc["precision"] == "auto":
+    # each rank timed its own matmuls; bf16 only if every one of them chose it, so that all ranks agree
+    chose_bf16 = torch.tensor([int(autocast_dtype is not None)])
+    dist.all_reduce(chose_bf16, op=dist.ReduceOp.MIN)
+    autocast_dtype = torch.bfloat16 if chose_bf16.item() else None
+
 # -----------------------------------------------------------------------------
 # data: the whole training set as one uint8 tensor on the device; shuffling, flips and scaling happen there
 
 data_started = time.time()
+if distributed and local_rank != 0:  # a fresh clone has no data: local rank 0 downloads it while the others wait
+    dist.barrier()
 images, labels, class_names = load_cifar10(cfg["data"]["data_dir"], "train", image_size=cfg["model"]["image_size"])
+if distributed and local_rank == 0:
+    dist.barrier()
 if len(class_names) > cfg["model"]["num_classes"]:
-    fail(f"the data has {len(class_names)} classes but model.num_classes={cfg['model']['num_classes']}")
+    fail_together(f"the data has {len(class_names)} classes but model.num_classes={cfg['model']['num_classes']}")
 images, labels = images.to(device), labels.to(device)
 batch_size = tc["batch_size"]
 sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"],
                              drop_last=True)
 steps_per_epoch = len(sampler) // batch_size
 if steps_per_epoch == 0:
-    fail(f"batch_size={batch_size} x {world_size} processes is more than the {len(images)} training images")
+    fail_together(f"batch_size={batch_size} x {world_size} processes is more than the {len(images)} training images")
 
 # -----------------------------------------------------------------------------
 # model, EMA, optimiser; the same seed on every rank for the weights, a rank-dependent one for the noise
@@ -136,25 +183,33 @@ if resumed is not None:
     try:
         model.load_state_dict(resumed["model"])
     except RuntimeError:
-        fail(f"--resume {resume}: its weights do not fit the model the given options describe")
+        fail_together(f"--resume {resume}: its weights do not fit the model the given options describe")
     ema.load_state_dict(resumed["ema"])
     optimizer.load_state_dict(resumed["optimizer"])
     step, elapsed, best_loss = resumed["step"], resumed.get("elapsed", 0.0), resumed.get("best_loss", float("inf"))
     rng_states = resumed.get("rng_per_rank") or [resumed["rng"]]
-    if len(rng_states) == world_size:
-        set_rng_state(rng_states[rank])  # the exact continuation; another world size draws fresh noise
+    if len(rng_states) == world_size:  # the exact continuation; another world size draws fresh noise
+        set_rng_state(rng_states[rank], quiet=not master)
+    log(f"resumed from {resume} at step {step}")
 if master:
     print(model_summary(model, cfg["model"]))
-compiled = torch.compile(model) if tc["compile"] else model
-forward = DistributedDataParallel(compiled, device_ids=[local_rank] if device.type == "cuda" else None) \
-    if distributed else compiled
+forward = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
+    if distributed else model
+if tc["compile"]:
+    # DDP first, then compile, as PyTorch's DDP notes say: DDPOptimizer then splits the graph at DDP's gradient
+    # buckets, so each bucket's all-reduce overlaps the rest of the backward pass (compiled inside DDP, the
+    # backward is one graph, and every all-reduce waits for its end). Checkpoints save model, unwrapped.
+    forward = torch.compile(forward)
 max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
 log(f"{world_size} process(es) on {device.type} | batch {batch_size} per process, {batch_size * world_size} in all | "
     f"{steps_per_epoch} steps/epoch | {'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "
     f"kernels: {KERNELS_PATH} | data loaded in {time.time() - data_started:.1f} s | step {step} -> {max_steps}")
 
 # -----------------------------------------------------------------------------
-# preemption: SIGTERM or Ctrl-C finishes the step, saves, and exits cleanly; all ranks agree to stop
+# preemption: SIGTERM or Ctrl-C finishes the step, saves, and exits cleanly; all ranks agree to stop. A non-finite
+# loss stops the run without saving. Both are looked at every check_every steps: a look waits for the device to
+# finish its queue, so on a GPU it happens every log_interval steps (a signal stops the run within that many),
+# on a CPU, where waiting costs nothing, every step.
 
 stop_requested = False
 
@@ -170,13 +225,17 @@ signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
 
-def everyone(flag):
-    """True if flag is true on any rank: stopping is decided together, or the others would wait forever."""
-    if not distributed:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item() > 0
+check_every = tc["log_interval"] if device.type == "cuda" else 1
+
+
+def check_together(stop, nonfinite):
+    """(whether any rank stops, the most non-finite steps any rank counted): decided together, or the ranks
+    that carry on would wait forever for those that stopped. One all-reduce, one wait for the device."""
+    flags = torch.stack([torch.tensor(float(stop), device=device), nonfinite])
+    if distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop, nonfinite = flags.tolist()
+    return stop > 0, int(nonfinite)
 
 
 def save(path, epoch):
@@ -210,6 +269,7 @@ if master:
         writer.writerows([row[c] for c in columns] for row in rows)
 model.train()
 generator = torch.Generator(device)
+nonfinite = torch.zeros((), device=device)  # steps whose loss or gradient was nan or inf, counted on the device
 run_started = time.time()
 finished = step >= max_steps
 while not finished:
@@ -237,10 +297,7 @@ while not finished:
             group["lr"] = lr_at(step, tc)
         losses, _, grad_norm = train_step(forward, diffusion, optimizer, x, y, grad_clip=tc["grad_clip"],
                                           autocast_dtype=autocast_dtype)
-        if not torch.isfinite(grad_norm):  # after DDP's all-reduce, so every rank sees the same value
-            bar.close()  # so the error starts its own line
-            fail(f"loss became {losses.mean().item()} (grad norm {grad_norm.item()}) at step {step}: stopping; "
-                 f"the last good checkpoint in {ckpt_dir}/ is untouched (try a lower --training.learning_rate)")
+        nonfinite += ~(torch.isfinite(grad_norm) & torch.isfinite(losses).all())  # train_step skipped its update
         update_ema(ema, model, ema_rate_at(step, tc["ema_rate"]))
         step += 1
         loss_sum += losses.detach().mean()
@@ -252,10 +309,18 @@ while not finished:
         epoch_seconds += seconds
         elapsed += seconds
         bar.update(1)
+        if step % check_every and step % steps_per_epoch and step < max_steps:
+            continue  # the last step of an epoch and of the run are checked too: nothing is saved unchecked
+        out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
+        stop, bad_steps = check_together(stop_requested or out_of_time, nonfinite)
+        if bad_steps:
+            bar.close()  # so the error starts its own line
+            fail_together(f"the loss became nan or inf at {bad_steps} step(s) up to step {step}, whose updates were "
+                          f"skipped: stopping; the last good checkpoint in {ckpt_dir}/ is untouched "
+                          f"(try a lower --training.learning_rate)")
         if step % tc["log_interval"] == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}")
-        out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
-        if everyone(stop_requested or out_of_time) or step >= max_steps:
+        if stop or step >= max_steps:
             finished = True
             break
     bar.close()
@@ -276,7 +341,7 @@ while not finished:
                                     rate, optimizer.param_groups[0]["lr"], elapsed])
     if epoch_ended and epoch_loss < best_loss:
         best_loss = epoch_loss
-        save(os.path.join(ckpt_dir, "best_model.pth"), epoch_done)
+        save(best_path, epoch_done)
     if epoch_ended and epoch_done in tc["checkpoint_epochs"]:
         save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch_done}.pth"), epoch_done)
     if finished or (epoch_ended and epoch_done % tc["save_every"] == 0):

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 import checkpoint
+from config import load_config
 from conftest import assert_same_checkpoint_weights
+from diffusion import Diffusion
+from model import build_model
+from train_cpu import make_optimizer, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2", "--model.num_kv_heads=1",
@@ -25,13 +29,26 @@ def options(tmp_path, data, *extra):
 
 # one thread per process: the tiny model gains nothing from more, and the runs stay quick on a busy machine
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+PYTHON = (sys.executable,)
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
-def train(*args, launcher=(sys.executable,)):
-    result = subprocess.run([*launcher, os.path.join(ROOT, "train_ddp.py"), *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
+def train(*args, launcher=PYTHON, script=os.path.join(ROOT, "train_ddp.py"), check=True, timeout=600):
+    result = subprocess.run([*launcher, script, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                            env=ENV)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def patched(tmp_path, prelude):
+    """A script that runs prelude (Python, with os imported) in each process, then train_ddp.py: how a test
+    changes what one rank sees, or replaces the download."""
+    script = tmp_path / "patched_train_ddp.py"
+    train_ddp = os.path.join(ROOT, "train_ddp.py")
+    script.write_text(f"import os, runpy, sys\nsys.path.insert(0, {ROOT!r})\n{prelude}\n"
+                      f"runpy.run_path({train_ddp!r}, run_name='__main__')\n")
+    return str(script)
 
 
 def read_log(out_dir):
@@ -57,26 +74,52 @@ def test_two_process_run_keeps_ranks_identical_and_writes_one_set_of_files(tmp_p
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path, synthetic_data):
+@pytest.mark.parametrize("launcher", [PYTHON, TORCHRUN], ids=["one process", "two processes"])
+def test_resume_continues_exactly(tmp_path, synthetic_data, launcher):
     straight, split = tmp_path / "straight", tmp_path / "split"
     every_epoch = "--training.checkpoint_epochs=[1]"
-    train(*options(straight, synthetic_data, "--training.max_steps=14", every_epoch))
-    train(*options(split, synthetic_data, "--training.max_steps=7", every_epoch))  # mid-epoch: 10 steps per epoch
-    train(*options(split, synthetic_data, "--training.max_steps=14", every_epoch), "--resume", "auto")
+    per_epoch = 10 if launcher == PYTHON else 5  # 40 images in batches of 4, on one rank or shared by two
+    stop, end = per_epoch - 3, per_epoch + 4  # stopped mid-epoch, resumed into the next one
+    train(*options(straight, synthetic_data, f"--training.max_steps={end}", every_epoch), launcher=launcher)
+    train(*options(split, synthetic_data, f"--training.max_steps={stop}", every_epoch), launcher=launcher)
+    resumed = train(*options(split, synthetic_data, f"--training.max_steps={end}", every_epoch), "--resume", "auto",
+                    launcher=launcher)
+    assert f"resumed from {split / 'model' / 'cifar10_dit_ckpt.pth'} at step {stop}" in resumed.stdout
     a = torch.load(straight / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
     b = torch.load(split / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
-    assert a["step"] == b["step"] == 14
+    assert a["step"] == b["step"] == end
     assert_same_checkpoint_weights(a, b)
-    # the first epoch's loss covers all 10 steps although two processes trained it
+    # the first epoch's loss covers all its steps although two runs trained it
     straight_log, split_log = read_log(straight / "outputs"), read_log(split / "outputs")
-    assert sorted(straight_log) == [10, 14] and sorted(split_log) == [7, 10, 14]
-    assert straight_log[10]["loss"] == split_log[10]["loss"] and straight_log[14]["loss"] == split_log[14]["loss"]
-    assert a["best_loss"] == b["best_loss"] == float(straight_log[10]["loss"])
+    assert sorted(straight_log) == [per_epoch, end] and sorted(split_log) == [stop, per_epoch, end]
+    assert straight_log[per_epoch]["loss"] == split_log[per_epoch]["loss"]
+    assert straight_log[end]["loss"] == split_log[end]["loss"]
+    assert a["best_loss"] == b["best_loss"] == float(straight_log[per_epoch]["loss"])
     # the epoch the resumed run completed still gets its checkpoint_epoch_1.pth and best_model.pth
     for name in ("checkpoint_epoch_1.pth", "best_model.pth"):
         first, second = (torch.load(run / "model" / name, weights_only=False) for run in (straight, split))
-        assert first["step"] == second["step"] == 10
+        assert first["step"] == second["step"] == per_epoch
         assert all(torch.equal(value, second["model"][key]) for key, value in first["model"].items())
+
+
+def test_resume_auto_takes_the_readable_checkpoint_with_the_most_steps_even_of_an_older_config(tmp_path,
+                                                                                              synthetic_data):
+    # 10 steps per epoch: best_model.pth and checkpoint_epoch_1.pth at step 10, the latest at 12
+    train(*options(tmp_path, synthetic_data, "--training.max_steps=12", "--training.checkpoint_epochs=[1]"))
+    model = tmp_path / "model"
+    latest, best = model / "cifar10_dit_ckpt.pth", model / "best_model.pth"
+    latest.write_bytes(latest.read_bytes()[:-1000])  # the newest is cut short: a disk that filled up
+    state = torch.load(best, weights_only=False)
+    del state["config"]["training"]["log_interval"]  # and the one to resume lacks keys config.yaml gained since
+    del state["config"]["diffusion"]["prediction"]
+    torch.save(state, best)
+    result = train(*options(tmp_path, synthetic_data, "--training.max_steps=13"), "--resume", "auto")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(latest) in warnings[0]
+    assert f"resumed from {best} at step 10" in result.stdout
+    resumed = torch.load(latest, weights_only=False)
+    assert resumed["step"] == 13
+    assert resumed["config"]["diffusion"]["prediction"] == "eps"  # the meaning the key had before it existed
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -96,10 +139,11 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path, synthetic_data):
+@pytest.mark.parametrize("launcher", [PYTHON, TORCHRUN], ids=["one process", "torchrun, two processes"])
+def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path, synthetic_data, launcher):
     args = options(tmp_path, synthetic_data, "--training.save_every=1", "--training.num_epochs=1000")
     latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ddp.py"), *args], cwd=ROOT,
+    process = subprocess.Popen([*launcher, os.path.join(ROOT, "train_ddp.py"), *args], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline and process.poll() is None:
@@ -107,10 +151,12 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path,
     assert latest.exists(), "no checkpoint after the first epoch"
     first = torch.load(latest, weights_only=False)["step"]
     time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-2000:]
+    process.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+    stdout, stderr = process.communicate(timeout=120)
+    if launcher == PYTHON:  # torchrun itself exits with an error after a signal, whatever its workers did
+        assert process.returncode == 0, stderr[-2000:]
     stopped = torch.load(latest, weights_only=False)
+    assert f"done: step {stopped['step']}" in stdout  # rank 0 saved where it stopped, then finished in its time
     assert stopped["step"] >= first
     train(*options(tmp_path, synthetic_data, f"--training.max_steps={stopped['step'] + 3}"), "--resume", "auto")
     assert torch.load(latest, weights_only=False)["step"] == stopped["step"] + 3
@@ -166,6 +212,92 @@ def test_torchrun_max_restarts_survives_a_killed_worker(tmp_path, synthetic_data
     assert len(final["rng_per_rank"]) == 2
 
 
+def node_disks(tmp_path):
+    """Two folders that stand for the disks of two nodes, and a prelude that runs each rank in its own: the
+    checkpoint folder given as a relative path is then a different one on each rank."""
+    disks = [tmp_path / "node0", tmp_path / "node1"]
+    for disk in disks:
+        disk.mkdir()
+    return disks, f"os.chdir([{str(disks[0])!r}, {str(disks[1])!r}][int(os.environ['RANK'])])"
+
+
+ON_EACH_DISK = ["--training.checkpoint_dir=model", "--training.output_dir=outputs"]
+
+
+@pytest.mark.slow
+def test_resume_auto_on_disks_of_their_own_resumes_every_rank_from_rank_0s_choice(tmp_path, synthetic_data):
+    (node0, node1), prelude = node_disks(tmp_path)
+    train(*options(node0, synthetic_data, "--training.max_steps=4"))
+    (node1 / "model").mkdir()
+    state = torch.load(node0 / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+    torch.save(state, node1 / "model" / "cifar10_dit_ckpt.pth")  # the copy rank 0 will choose
+    torch.save(dict(state, step=9), node1 / "model" / "best_model.pth")  # newer, but on rank 1's disk alone
+    result = train(*options(tmp_path, synthetic_data, "--training.max_steps=6"), *ON_EACH_DISK, "--resume", "auto",
+                   launcher=TORCHRUN, script=patched(tmp_path, prelude))
+    assert f"resumed from {os.path.join('model', 'cifar10_dit_ckpt.pth')} at step 4" in result.stdout
+    assert "ranks in sync: yes" in result.stdout
+    assert torch.load(node0 / "model" / "cifar10_dit_ckpt.pth", weights_only=False)["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_read_the_chosen_checkpoint_stops_every_rank_with_one_line(tmp_path, synthetic_data):
+    (node0, node1), prelude = node_disks(tmp_path)
+    train(*options(node0, synthetic_data, "--training.max_steps=2"))  # rank 1's disk has no checkpoint
+    result = train(*options(tmp_path, synthetic_data, "--training.max_steps=4"), *ON_EACH_DISK, "--resume", "auto",
+                   launcher=TORCHRUN, script=patched(tmp_path, prelude), check=False, timeout=300)  # or a hang
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank 1" in errors[0] and "does not exist" in errors[0], result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_on_a_fresh_clone_only_local_rank_0_downloads_the_data(tmp_path):
+    fresh = tmp_path / "fresh"  # no data yet
+    prelude = f"""
+import time
+import torchvision
+import data
+data.online = lambda host: True
+
+def download(root, train=True, download=False):  # slow, as a real one is, so that a second rank would start one
+    open(os.path.join({str(tmp_path)!r}, "downloaded by rank " + os.environ["RANK"]), "w").close()
+    time.sleep(2)
+    data.write_synthetic_cifar(root, num_train=40, num_test=20)
+
+torchvision.datasets.CIFAR10 = download
+"""
+    result = train(*options(tmp_path, fresh, "--training.max_steps=1"), launcher=TORCHRUN,
+                   script=patched(tmp_path, prelude))
+    assert sorted(p.name for p in tmp_path.glob("downloaded by rank *")) == ["downloaded by rank 0"]
+    assert "ranks in sync: yes" in result.stdout
+    assert sorted(os.listdir(fresh)) == ["cifar-10-batches-py"]  # the staging folder is gone
+
+
+@pytest.mark.slow
+def test_compile_wraps_ddp_and_checkpoints_keep_the_models_own_names(tmp_path, synthetic_data):
+    # the eager backend: Dynamo, its DDPOptimizer and the wrappers as with inductor, without minutes of compiling
+    prelude = f"""
+import torch
+compile = torch.compile
+
+def recording_compile(module, **kwargs):
+    with open(os.path.join({str(tmp_path)!r}, "compiled"), "a") as f:
+        f.write(type(module).__name__ + "\\n")
+    return compile(module, backend="eager")
+
+torch.compile = recording_compile
+"""
+    train(*options(tmp_path, synthetic_data, "--training.max_steps=2", "--training.compile=true"), launcher=TORCHRUN,
+          script=patched(tmp_path, prelude))
+    assert (tmp_path / "compiled").read_text().split() == ["DistributedDataParallel"] * 2  # one per rank
+    plain = build_model(load_config(TINY)["model"]).state_dict().keys()
+    latest = str(tmp_path / "model" / "cifar10_dit_ckpt.pth")
+    state = torch.load(latest, weights_only=False)
+    assert state["model"].keys() == state["ema"].keys() == plain  # no _orig_mod. or module. prefixes
+    for use_ema in (True, False):  # and an uncompiled model loads them
+        checkpoint.model_from_checkpoint(latest, use_ema=use_ema)
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, synthetic_data):
     train(*options(tmp_path, synthetic_data, "--training.max_steps=2"))
     latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
@@ -188,10 +320,6 @@ def test_bad_option_is_a_one_line_error(tmp_path, synthetic_data):
 
 
 def test_a_non_finite_gradient_skips_the_fused_step_and_leaves_weights_and_state_untouched():
-    from config import load_config
-    from diffusion import Diffusion
-    from model import build_model
-    from train_cpu import make_optimizer, train_step
     cfg = load_config(TINY)
     model, diffusion = build_model(cfg["model"]), Diffusion.from_config(cfg["diffusion"])
     optimizer = make_optimizer(model, 1e-3, weight_decay=0.1)  # decay would move the weights even with zero grads

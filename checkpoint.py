@@ -92,6 +92,8 @@ def read_checkpoint(path, map_location="cpu", mmap=False):
     try:
         state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, pickle garbage, ...: all mean the same to the user
+        if mmap:  # but a file or filesystem that cannot be mapped may still be read the slow way
+            return read_checkpoint(path, map_location)
         raise UnreadableCheckpoint(f"cannot be read ({type(e).__name__}): it is corrupt or not a checkpoint")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UnreadableCheckpoint("is not a checkpoint of this project (no model weights and config)")
@@ -109,9 +111,10 @@ def load_checkpoint(path, map_location="cpu"):
 
 def newest_checkpoint(paths):
     """(path, step) of the checkpoint among paths with the highest step stored in it (the first of paths on a
-    tie), or (None, 0) when there is none. One that cannot be read is passed over with a warning: a disk that
-    filled up or a copy killed halfway must not cost the run its previous checkpoints."""
-    found = []
+    tie), or (None, 0) when none exists. One that cannot be read is passed over with a warning: a disk that
+    filled up or a copy killed halfway must not cost the run its previous checkpoints. When none of them can be
+    read, UnreadableCheckpoint: starting afresh would overwrite them, and the fault may pass (a network disk)."""
+    found, unreadable = [], []
     for path in paths:
         if not os.path.isfile(path):
             continue
@@ -119,6 +122,10 @@ def newest_checkpoint(paths):
             found.append((read_checkpoint(path, mmap=True).get("step", 0), path))
         except UnreadableCheckpoint as e:
             print(f"warning: passing over checkpoint {path!r}: it {e}", file=sys.stderr)
+            unreadable.append(path)
+    if unreadable and not found:
+        raise UnreadableCheckpoint(f"none of {', '.join(map(repr, unreadable))} can be read: move them away to "
+                                   f"start afresh")
     step, path = max(found, key=lambda pair: pair[0], default=(0, None))
     return path, step
 

@@ -111,13 +111,18 @@ def fail_together(message):
 # without a shared filesystem) would start the ranks at different steps, and the first collective would hang.
 
 if resume == "auto":
-    choice = [None]
+    choice = [None, ""]  # the path, or why there is none
     if master:  # the file with the most steps that can be read, so a corrupt newest one costs only its steps
         epoch_paths = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth")))
-        choice = [newest_checkpoint([latest_path, best_path, *epoch_paths])[0]]
+        try:
+            choice[0] = newest_checkpoint([latest_path, best_path, *epoch_paths])[0]
+        except UnreadableCheckpoint as e:
+            choice[1] = f"--resume auto: {e}"
     if distributed:
         dist.broadcast_object_list(choice)
-    resume = choice[0]
+    resume, why = choice
+    if why:
+        fail_together(why)
     if resume is None:
         log(f"--resume auto: no checkpoint in {ckpt_dir}/, starting from step 0")
 resumed = None

@@ -38,6 +38,19 @@ def test_a_corrupt_newest_checkpoint_is_passed_over_with_one_warning(tmp_path, c
     assert len(warnings) == 1 and warnings[0].startswith("warning:") and str(latest) in warnings[0]
 
 
+def test_when_no_checkpoint_can_be_read_resuming_is_refused_not_started_afresh(tmp_path, capsys):
+    latest = tmp_path / "latest.pth"
+    latest.write_bytes(b"not a checkpoint")  # a fresh start would overwrite it at its first save
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match="move them away"):
+        checkpoint.newest_checkpoint([str(latest), str(tmp_path / "missing.pth")])
+
+
+def test_a_checkpoint_that_cannot_be_memory_mapped_is_read_the_slow_way(tmp_path):
+    old_format = tmp_path / "old.pth"  # torch.save's format before zip files, which torch.load cannot mmap
+    torch.save({"model": {}, "config": {}, "step": 4}, old_format, _use_new_zipfile_serialization=False)
+    assert checkpoint.newest_checkpoint([str(old_format)]) == (str(old_format), 4)
+
+
 def dead_pid():
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()

@@ -97,19 +97,20 @@ def stage_build(plan, out, deadline):
 
 
 def stage_cuda_tests(plan, out, deadline):
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider"]
     started = time.time()
     rc = run_logged(cmd, deadline)
     with open(os.path.join(out, "cuda_tests.log")) as f:
         text = f.read()
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", text)}
     reasons = sorted(set(re.findall(r"^SKIPPED \[\d+\] \S+: (.*)$", text, re.M)))
+    failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
     summary = ", ".join(f"{n} {word}" for word, n in counts.items()) or "no pytest summary"
-    result = {"command": "pytest -m cuda", "exit": rc, "counts": counts, "skip_reasons": reasons,
+    result = {"command": "pytest -m cuda", "exit": rc, "counts": counts, "failures": failures, "skip_reasons": reasons,
               "seconds": round(time.time() - started, 1),
               "summary": summary if rc is not None else f"ran out of time ({summary})"}
-    result["lines"] = [f"`pytest -m cuda`: {summary}, exit {rc}, {result['seconds']} s"] + \
-        [f"- skipped: {reason}" for reason in reasons]
+    result["lines"] = [f"`pytest -m cuda`: {summary}, exit {rc}, {result['seconds']} s", ""] + \
+        [f"- failed: `{name}`" for name in failures[:30]] + [f"- skipped: {reason}" for reason in reasons]
     return rc == 0, result
 
 
@@ -226,7 +227,8 @@ def stage_resume(plan, out, deadline):
            f"--training.output_dir={run}/outputs", f"--training.batch_size={plan['train_batch']}",
            f"--training.max_steps={plan['total_steps']}", "--training.warmup_steps=20", "--training.log_interval=10",
            "--sampling.steps=5"]
-    checkpoint, log_csv = os.path.join(run, "model", "cifar10_dit_ckpt.pth"), os.path.join(run, "outputs", "training_log.csv")
+    checkpoint = os.path.join(run, "model", "cifar10_dit_ckpt.pth")
+    log_csv = os.path.join(run, "outputs", "training_log.csv")
     result = {"processes": nproc, "backend": "nccl" if nproc > 1 else "none (one process)"}
     print(f"$ {' '.join(cmd)}  # then SIGTERM to torchrun after the first epoch", flush=True)
     first = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
@@ -249,18 +251,18 @@ def stage_resume(plan, out, deadline):
             result["losses"] = {int(row["step"]): round(float(row["loss"]), 4) for row in csv.DictReader(f)}
     with open(os.path.join(out, "resume.log")) as f:
         in_sync = nproc == 1 or "ranks in sync: yes" in f.read()
-    losses, stopped = result["losses"], result["stopped_at"]
+    losses, stopped, total = result["losses"], result["stopped_at"], plan["total_steps"]
     after = [loss for step, loss in losses.items() if stopped is not None and step > stopped]
-    checks = {"SIGTERM stopped the run mid-way with a checkpoint": stopped is not None and 0 < stopped < plan["total_steps"],
-              f"the resumed run reached step {plan['total_steps']}": rc == 0 and result["finished_at"] == plan["total_steps"],
+    checks = {"SIGTERM stopped the run mid-way with a checkpoint": stopped is not None and 0 < stopped < total,
+              f"the resumed run reached step {total}": rc == 0 and result["finished_at"] == total,
               "the loss carries on (every epoch after the resume below the first epoch's)":
                   bool(after) and all(loss < losses[min(losses)] for loss in after),
               "ranks in sync": in_sync}
     result["checks"] = checks
     ok = all(checks.values())
-    result["summary"] = (f"{nproc} process(es): stopped at step {stopped}, resumed to {result['finished_at']}, "
-                         f"loss {' -> '.join(str(v) for v in losses.values())}" + ("" if ok else "; FAILED: " + "; ".join(
-                             name for name, passed in checks.items() if not passed)))
+    failed = "; ".join(name for name, passed in checks.items() if not passed)
+    result["summary"] = (f"{nproc} process(es): stopped at step {stopped}, resumed to {result['finished_at']}, loss "
+                         + " -> ".join(str(v) for v in losses.values()) + (f"; FAILED: {failed}" if failed else ""))
     result["lines"] = [f"torchrun, {nproc} process(es), backend {result['backend']}, {plan['total_steps']} steps of "
                        f"{plan['train_batch']} per process, SIGTERM after the first epoch, then --resume auto", ""] + \
         [f"- [{'x' if passed else ' '}] {name}" for name, passed in checks.items()] + \
@@ -283,22 +285,27 @@ def stage_sampling(plan, out, deadline):
     labels = torch.arange(plan["samples"], device=device) % cfg["model"]["num_classes"]
     sample_images(model, cfg, labels[:8], **dict(options, steps=2))  # warm-up: allocations, kernel choice
     drawn, seconds = 0, 0.0
-    while drawn < len(labels) and time.time() + 1.5 * seconds / max(drawn, 1) * plan["sample_batch"] < deadline - 5:
+    while drawn < len(labels):
+        batch = labels[drawn:drawn + plan["sample_batch"]]
+        if drawn and time.time() + 1.5 * seconds / drawn * len(batch) > deadline:
+            break  # the next batch might not fit in the budget: extrapolate from the ones drawn
         started = time.time()
-        sample_images(model, cfg, labels[drawn:drawn + plan["sample_batch"]], batch_size=plan["sample_batch"], **options)
+        sample_images(model, cfg, batch, batch_size=len(batch), **options)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds += time.time() - started
-        drawn += len(labels[drawn:drawn + plan["sample_batch"]])
+        drawn += len(batch)
     per_image = seconds / max(drawn, 1)
     result = {"device": device, "drawn": drawn, "seconds": round(seconds, 1), "batch": plan["sample_batch"],
-              "images_per_s": round(drawn / max(seconds, 1e-9), 1), "seconds_for_target": round(per_image * len(labels), 1),
+              "images_per_s": round(drawn / max(seconds, 1e-9), 1),
+              "seconds_for_target": round(per_image * len(labels), 1),
               "seconds_for_50000": round(per_image * 50_000, 1)}
     measured = "measured" if drawn == len(labels) else f"extrapolated from {drawn}"
     result["summary"] = (f"{len(labels):,} DDIM-50 guided samples: {result['seconds_for_target']} s ({measured}); "
                          f"50,000: {result['seconds_for_50000']} s extrapolated")
     result["lines"] = [f"DDIM-50, guidance 2.0 (a doubled batch per step), batches of {plan['sample_batch']}, "
-                       f"sampling.precision {cfg['sampling']['precision']}, {plan['model_name']} with random weights", "",
+                       f"sampling.precision {cfg['sampling']['precision']}, {plan['model_name']} with random weights",
+                       "",
                        f"- {drawn:,} images in {result['seconds']} s: {result['images_per_s']} images/s",
                        f"- {len(labels):,} images: {result['seconds_for_target']} s ({measured})",
                        f"- 50,000 images: {result['seconds_for_50000']} s ({result['seconds_for_50000'] / 60:.1f} min, "
@@ -335,7 +342,7 @@ def main():
     if args.stage:  # a child: do the stage, leave its result in <out>/<stage>.json
         sys.path.insert(0, ROOT)
         budget = plan["budgets"][args.stage]
-        ok, result = STAGES[args.stage](plan, args.out, time.time() + budget - 5)
+        ok, result = STAGES[args.stage](plan, args.out, time.time() + 0.9 * budget)  # time to save and exit
         save(args.out, args.stage, dict(result, ok=ok))
         return
     stages = args.stages.split(",")
@@ -384,7 +391,8 @@ def main():
           f"{report['mode']} | {report['started']} | {report['seconds']} s in all | host {e.get('host')} | "
           f"Python {e.get('python')} | torch {e.get('torch')} (CUDA {e.get('cuda')})", ""]
     if args.dry_run:
-        md += ["A dry run: a tiny model on the CPU. It shows that every stage runs; its numbers say nothing about speed.", ""]
+        md += ["A dry run: a tiny model on the CPU. It shows that every stage runs; its numbers say nothing about "
+               "speed.", ""]
     md += ["| stage | status | seconds (budget) | summary |", "|---|---|---|---|"]
     md += [f"| {name} | {r['status']} | {r['seconds']} ({r['budget']}) | {r['summary']} |"
            for name, r in report["stages"].items()]

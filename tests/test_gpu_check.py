@@ -84,7 +84,8 @@ def test_kernels_use_openmp_only_through_at_parallel_for_and_simd_hints():
                 with open(os.path.join(ROOT, folder, name)) as f:
                     text = f.read()
                 assert "omp_" not in text and "<omp.h>" not in text, name
-                assert all(line.strip() == "#pragma omp simd" for line in text.splitlines() if "pragma omp" in line), name
+                pragmas = [line.strip() for line in text.splitlines() if "pragma omp" in line]
+                assert all(pragma == "#pragma omp simd" for pragma in pragmas), name
 
 
 # -----------------------------------------------------------------------------

@@ -429,7 +429,8 @@ def test_supports_follows_the_dispatcher():
 def test_noise_steps_fall_back_for_dtypes_the_kernels_do_not_take(dtype):
     images, process, t = noise_inputs(3, dtype=dtype)
     coefs = sampler_coefs("ddim", process, t)
-    assert torch.equal(diffusion.q_sample_op(*images[:2], *coefs[:2]), diffusion.q_sample_reference(*images[:2], *coefs[:2]))
+    q_args = images[:2] + coefs[:2]
+    assert torch.equal(diffusion.q_sample_op(*q_args), diffusion.q_sample_reference(*q_args))
     assert torch.equal(diffusion.ddpm_step(*images, *coefs, True), diffusion.ddpm_step_reference(*images, *coefs, True))
     assert torch.equal(diffusion.ddim_step(*images, *coefs, True), diffusion.ddim_step_reference(*images, *coefs, True))
     q, k, v = (t.detach().to(dtype) for t in qkv(2, 4, 2, 9, 16))

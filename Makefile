@@ -53,7 +53,7 @@ kernels: setup
 # clang, a broken toolkit) one line says so and everything runs on the PyTorch path
 try-kernels: setup
 	@mkdir -p build
-	@echo "csrc: building the kernels (log: build/kernels.log)"
+	@echo "csrc: compiling the kernels where they build (log: build/kernels.log)"
 	@if $(PY) setup.py build_ext --inplace > build/kernels.log 2>&1; then grep -h '^csrc:' build/kernels.log; \
 	else echo "note: the csrc kernels did not build (build/kernels.log): running on the PyTorch path"; fi
 

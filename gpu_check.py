@@ -266,7 +266,8 @@ def stage_resume(plan, out, deadline):
     result["lines"] = [f"torchrun, {nproc} process(es), backend {result['backend']}, {plan['total_steps']} steps of "
                        f"{plan['train_batch']} per process, SIGTERM after the first epoch, then --resume auto", ""] + \
         [f"- [{'x' if passed else ' '}] {name}" for name, passed in checks.items()] + \
-        ["", "| step | epoch loss |", "|---|---|"] + [f"| {step} | {loss} |" for step, loss in losses.items()]
+        ["", "| step | epoch loss |", "|---|---|"] + [f"| {step}{' (SIGTERM)' if step == stopped else ''} | {loss} |"
+                                                    for step, loss in losses.items()]
     return ok, result
 
 

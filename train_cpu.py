@@ -339,8 +339,7 @@ def main(argv):
         stop["requested"] = True
         tqdm.write(f"signal {signum}: finishing this step, saving, then exiting (again to abort)")
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     metrics_path = os.path.join(run_dir, "metrics.csv")
     columns = ["step", "images", "loss", "mse", "grad_norm"] + QUARTERS + ["images_per_s", "elapsed_s"]
@@ -417,7 +416,8 @@ def main(argv):
                 stop["requested"] = True
                 break
     bar.close()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig, handler in previous_handlers.items():  # the caller's again (a test, or the default)
+        signal.signal(sig, handler)
 
     plot_curves(metrics_path, os.path.join(run_dir, "loss.png"), "step", ["loss"] + QUARTERS,
                 f"{run}: training loss ({elapsed / 60:.1f} min, {step * batch_size / max(elapsed, 1e-9):.1f} img/s)")

@@ -337,9 +337,12 @@ def main():
     parser.add_argument("--dry-run", action="store_true", help="tiny model, CPU only: checks the script itself")
     parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "gpu_check"))
     parser.add_argument("--stages", default=",".join(STAGES), help="a comma-separated subset, in this order")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="multiply every stage's time budget: a loaded machine runs the stages slower")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = parser.parse_args()
     plan = DRY if args.dry_run else REAL
+    plan = dict(plan, budgets={name: budget * args.budget_scale for name, budget in plan["budgets"].items()})
     if args.stage:  # a child: do the stage, leave its result in <out>/<stage>.json
         sys.path.insert(0, ROOT)
         budget = plan["budgets"][args.stage]
@@ -367,7 +370,8 @@ def main():
             os.remove(os.path.join(args.out, f"{name}.json"))
         with open(os.path.join(args.out, f"{name}.log"), "w") as log:
             rc = run_logged([sys.executable, os.path.abspath(__file__), "--stage", name, "--out", args.out]
-                            + (["--dry-run"] if args.dry_run else []), time.time() + budget,
+                            + (["--dry-run"] if args.dry_run else []) + ["--budget-scale", str(args.budget_scale)],
+                            time.time() + budget,
                             stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             with open(os.path.join(args.out, f"{name}.json")) as f:

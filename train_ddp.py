@@ -372,4 +372,7 @@ if master:
         save_timestep_grid(ema, cfg, os.path.join(out_dir, "timestep_grid_10x10.png"))
     print(f"done: step {step}, {elapsed / 60:.1f} min of training | {latest_path} | {out_dir}/")
 if distributed:
+    # the other ranks wait for rank 0's grids: a rank tearing its group down while a peer still holds the
+    # connection can abort in gloo's threads at exit
+    dist.barrier()
     dist.destroy_process_group()

@@ -100,6 +100,7 @@ def log(message):
 def fail_together(message):
     """Stop every rank with exit status 2, rank 0 saying why in one line. All ranks must call it."""
     if distributed:
+        dist.barrier()  # as at the end of the run: no rank tears the group down while a peer still uses it
         dist.destroy_process_group()
     if master:
         fail(message)

@@ -34,7 +34,7 @@ from data import load_cifar10, plot_curves, random_batches
 from diffusion import Diffusion
 from model import build_model, model_summary, update_ema
 from sample import save_class_grid, save_timestep_grid
-from train_cpu import autocast_dtype_for, ema_rate_at, lr_at, make_optimizer, train_step
+from train_cpu import autocast_dtype_for, ema_rate_at, lr_at, make_optimizer, restart_metrics, train_step
 
 # -----------------------------------------------------------------------------
 # command line: --resume PATH|auto, the rest is configuration
@@ -265,14 +265,7 @@ log_path = os.path.join(out_dir, "training_log.csv")
 columns = ["epoch", "step", "loss", "seconds", "data_seconds", "images_per_s", "lr", "elapsed_s"]
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    if resumed is not None and os.path.exists(log_path):  # rows past the checkpoint were trained again: drop them
-        with open(log_path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
-    with open(log_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([row[c] for c in columns] for row in rows)
+    restart_metrics(log_path, columns, step if resumed is not None else None)  # rows past the checkpoint go
 model.train()
 generator = torch.Generator(device)
 nonfinite = torch.zeros((), device=device)  # steps whose loss or gradient was nan or inf, counted on the device

@@ -86,6 +86,22 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def patchify(x, p):
+    """(B, C, H, W) -> (B, H/p * W/p, p*p*C): patches row by row, each flattened as (row, column, channel).
+    The strided convolution of DiT.patch_embed reads its patches in this order (tests/test_model.py)."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(tokens, p, H, W):
+    """The inverse of patchify: (B, H/p * W/p, p*p*C) -> (B, C, H, W)."""
+    B, N, D = tokens.shape
+    C = D // (p * p)
+    x = tokens.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, H/p, p, W/p, p)
+    return x.reshape(B, C, H, W)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim, num_heads, num_kv_heads):
         super().__init__()
@@ -175,8 +191,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_linear.bias)
 
     def forward(self, x, t, y):
-        B, C, H, W = x.shape
-        p, g = self.patch_size, self.grid
+        H, W = x.shape[-2:]
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, g*g, hidden)
         c = self.cond_embed(t, y)  # (B, hidden)
         if not self.adaln:
@@ -189,9 +204,7 @@ class DiT(nn.Module):
             tokens = modulate(self.final_norm(tokens), shift, scale)
         else:
             tokens = self.final_norm(tokens[:, 1:])
-        out = self.final_linear(tokens)  # (B, g*g, p*p*C)
-        out = out.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
-        return out.reshape(B, C, H, W)
+        return unpatchify(self.final_linear(tokens), self.patch_size, H, W)  # (B, g*g, p*p*C) -> (B, C, H, W)
 
 
 # -----------------------------------------------------------------------------

@@ -18,21 +18,22 @@ def cpu_name():
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
-def race(fns, repeats, warmup=1, sync=lambda: None):
-    """Minimum wall time in ms of each function, the functions interleaved repeat by repeat, so a busy
-    machine slows them alike and the ratios between them stay fair."""
+def race(fns, repeats, warmup=1, sync=lambda: None, summary=min):
+    """Wall time in ms of each function, the minimum of its repeats (or another summary, such as
+    statistics.median), the functions interleaved repeat by repeat, so a busy machine slows them alike and the
+    ratios between them stay fair."""
     for fn in fns:
         for _ in range(warmup):
             fn()
-    best = [float("inf")] * len(fns)
+    times = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return [1e3 * b for b in best]
+            times[i].append(time.perf_counter() - start)
+    return [1e3 * summary(t) for t in times]
 
 
 def matmul_gflops(dtype=torch.float32, n=1024, device="cpu"):

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import cpu_name, race  # noqa: E402
 from bench.cpu_recipe import our_step  # noqa: E402
-from config import ArgumentParser, load_config  # noqa: E402
+from config import ArgumentParser, fail, load_config  # noqa: E402
 from train_cpu import autocast_dtype_for  # noqa: E402
 
 # what both sides run; a command line's overrides come after, so they may change it
@@ -80,6 +80,9 @@ def main(argv):
     parser.add_argument("--rounds", type=int, default=5, help="timed steps of each contender, taken in turn")
     parser.add_argument("--batch_size", type=int, default=64)
     args, overrides = parser.parse(argv)
+    for name in ("rounds", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name}={getattr(args, name)}: expected a positive count")
     root = os.environ.get("DIT_REFERENCE_DIR")
     if not root:
         print("(set DIT_REFERENCE_DIR to a checkout of facebookresearch/DiT to time its training step beside ours)")

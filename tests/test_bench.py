@@ -83,3 +83,12 @@ def test_dit_reference_times_the_real_checkout_beside_ours(capsys):
     dit_reference.main(TINY)
     rows = table_rows(capsys.readouterr().out)
     assert len(rows) == 3 and rows[0].startswith("facebookresearch/DiT") and rows[2].endswith("x")
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--batch_size", "-3"]])
+def test_dit_reference_refuses_a_count_below_one_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dit_reference.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and argv[0] in err and argv[1] in err

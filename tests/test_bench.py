@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from bench import dit_reference
+from bench import dit_reference, dit_sizes
 
 TINY = ["--rounds", "1", "--batch_size", "2", "--model.depth=1", "--model.hidden_dim=32", "--model.num_heads=4",
         "--model.num_kv_heads=2", "--training.precision=fp32"]
@@ -89,6 +89,32 @@ def test_dit_reference_times_the_real_checkout_beside_ours(capsys):
 def test_dit_reference_refuses_a_count_below_one_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         dit_reference.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and argv[0] in err and argv[1] in err
+
+
+def test_dit_sizes_lists_the_unet_recipe_and_each_candidate_with_its_parameters_and_steps(monkeypatch, capsys):
+    from config import load_config
+    from model import build_model
+    shapes = [(4, 32, 1, 4, 2), (2, 48, 2, 4, 4)]
+    monkeypatch.setattr(dit_sizes, "CANDIDATES", shapes)
+    dit_sizes.main(["--rounds", "1", "--batch_size", "2", "--minutes", "10"])
+    rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 3 and rows[0].startswith("UNet recipe")
+    for row, shape in zip(rows[1:], shapes):
+        name, params, gflops, rate, _, steps = row.rsplit(None, 5)
+        assert name == "DiT p{} {}x{} h{}/kv{}".format(*shape)
+        model = build_model(load_config(dit_sizes.dit_args(*shape))["model"])
+        assert params == f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+        # 10 minutes at `rate` images/s, 2 images a step (both rounded for printing)
+        assert int(steps.replace(",", "")) == pytest.approx(600 * float(rate) / 2, rel=0.01, abs=1)
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--batch_size", "-3"], ["--minutes", "0"]])
+def test_dit_sizes_refuses_a_count_below_one_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dit_sizes.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and argv[0] in err and argv[1] in err

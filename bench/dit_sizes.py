@@ -3,7 +3,7 @@ make bench, DiT sizes: the training step of candidate DiTs for a two-hour CPU re
 (configs/cpu_2h.yaml), one optimiser step at batch 64 with the recipe's objective, at the precision
 training.precision=auto picks on this CPU, the contenders taking turns round by round. It prints each one's
 parameters, forward GFLOPs per image, images/s, and the steps 100 minutes would give at that rate, which is
-how configs/cpu_dit_2h.yaml was sized (RESULTS.md has the short training runs that chose among them).
+the first measurement for sizing a DiT recipe (RESULTS.md has the short training runs that choose among them).
 
     python -m bench dit_sizes
     OMP_NUM_THREADS=1 python bench/dit_sizes.py --rounds 5

@@ -85,10 +85,12 @@ def test_dit_reference_times_the_real_checkout_beside_ours(capsys):
     assert len(rows) == 3 and rows[0].startswith("facebookresearch/DiT") and rows[2].endswith("x")
 
 
-@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--batch_size", "-3"]])
-def test_dit_reference_refuses_a_count_below_one_in_one_line(argv, capsys):
+@pytest.mark.parametrize("section, argv", [(dit_reference, ["--rounds", "0"]), (dit_reference, ["--batch_size", "-3"]),
+                                           (dit_sizes, ["--rounds", "0"]), (dit_sizes, ["--batch_size", "-3"]),
+                                           (dit_sizes, ["--minutes", "0"])])
+def test_bench_sections_refuse_a_count_below_one_in_one_line(section, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        dit_reference.main(argv)
+        section.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and argv[0] in err and argv[1] in err
@@ -109,12 +111,3 @@ def test_dit_sizes_lists_the_unet_recipe_and_each_candidate_with_its_parameters_
         assert params == f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
         # 10 minutes at `rate` images/s, 2 images a step (both rounded for printing)
         assert int(steps.replace(",", "")) == pytest.approx(600 * float(rate) / 2, rel=0.01, abs=1)
-
-
-@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--batch_size", "-3"], ["--minutes", "0"]])
-def test_dit_sizes_refuses_a_count_below_one_in_one_line(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        dit_sizes.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and argv[0] in err and argv[1] in err

@@ -110,16 +110,21 @@ def check(cfg):
     return cfg
 
 
-def read_preset(path, cfg, sections=None):
-    """cfg with the values of the YAML file at path; a preset may hold only the keys it changes. Keys of
-    sections other than the given ones are checked but not taken."""
+def read_yaml(path):
+    """The YAML file at path (None when it is empty), or a one-line error."""
     try:
         with open(path) as f:
-            preset = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
         fail(f"cannot read config {path!r}: {e.strerror}")
     except yaml.YAMLError as e:
         fail(f"config {path!r} is not valid YAML: {str(e).splitlines()[0]}")
+
+
+def read_preset(path, cfg, sections=None):
+    """cfg with the values of the YAML file at path; a preset may hold only the keys it changes. Keys of
+    sections other than the given ones are checked but not taken."""
+    preset = read_yaml(path)
     for section, values in (preset or {}).items():
         if section not in cfg or not isinstance(values, dict):
             fail(f"config {path!r}: unknown section {section!r}")

@@ -30,7 +30,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from config import ArgumentParser, fail, load_config
+from config import ArgumentParser, fail, load_config, read_yaml
 
 # -----------------------------------------------------------------------------
 # the training step, shared with train_ddp.py
@@ -226,7 +226,11 @@ def build_config(args, overrides, base=None):
     rate = args.ema_rate[0] if args.ema_rate else None
     if args.ema_rate and len(args.ema_rate) > 1:
         print(f"--ema_rate {','.join(f'{r:g}' for r in args.ema_rate)}: one EMA is kept, at {rate:g} (the first)")
-    flags = {"model.name": args.model or (None if base else "unet"), "data.data_dir": args.data_dir, "model.image_size": args.image_size,
+    # image_train.py trains a UNet, so that is the default here, unless a --config preset names its own model
+    preset = read_yaml(args.config) if args.config and base is None else None
+    preset_model = preset.get("model") if isinstance(preset, dict) else None
+    default_model = None if base or isinstance(preset_model, dict) and "name" in preset_model else "unet"
+    flags = {"model.name": args.model or default_model, "data.data_dir": args.data_dir, "model.image_size": args.image_size,
              "model.num_channels": args.num_channels, "model.num_res_blocks": args.num_res_blocks,
              "diffusion.num_steps": args.diffusion_steps, "diffusion.noise_schedule": args.noise_schedule,
              "training.learning_rate": args.lr, "training.batch_size": args.batch_size,

@@ -269,6 +269,27 @@ def test_image_train_flags_map_onto_config(argv, key, expected):
     assert config_of(argv)[key[0]][key[1]] == expected
 
 
+@pytest.mark.parametrize("preset, argv, expected", [
+    ("model:\n  name: dit\n", [], "dit"),  # a preset that names its model gets it (configs/cpu_dit_2h.yaml)
+    ("model:\n  num_channels: 32\n", [], "unet"),  # one that does not gets image_train.py's UNet
+    ("training:\n  batch_size: 8\n", [], "unet"),
+    ("", [], "unet"),  # an empty file
+    ("model:\n  name: dit\n", ["--model", "unet"], "unet"),  # the flag wins over the preset
+    ("model:\n  name: unet\n", ["--model.name=dit"], "dit"),  # and so does an override
+])
+def test_a_preset_that_names_its_model_trains_that_model(tmp_path, preset, argv, expected):
+    path = tmp_path / "preset.yaml"
+    path.write_text(preset)
+    assert config_of(["--config", str(path)] + argv)["model"]["name"] == expected
+
+
+def test_every_preset_in_configs_trains_the_model_it_names():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        path = os.path.join(ROOT, "configs", name)
+        named = load_config(["--config", path])["model"]["name"]
+        assert config_of(["--config", path])["model"]["name"] == named, name
+
+
 def test_several_ema_rates_keep_the_first_and_say_so(capsys):
     assert config_of(["--ema_rate", "0.9999,0.999"])["training"]["ema_rate"] == 0.9999
     assert "--ema_rate 0.9999,0.999: one EMA is kept, at 0.9999 (the first)" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """
 make bench, CPU training section: images/s of one optimiser step for the seed command's UNet and the
-default DiT, at the seed's batch (8, micro-batch 4) and at 64, in fp32 and bf16, against this machine's
+384 x 12 token DiT (config.yaml's default DiT until the conditioning ablation of RESULTS.md), at the seed's batch (8, micro-batch 4) and at 64, in fp32 and bf16, against this machine's
 matmul ceiling. With IMPROVED_DIFFUSION_DIR pointing at a checkout of openai/improved-diffusion, its own
 UNet and training loss run the seed command's step side by side.
 """
@@ -18,7 +18,7 @@ from model import build_model  # noqa: E402
 from train_cpu import make_optimizer, train_step  # noqa: E402
 
 SEED_UNET = ["--model.name=unet", "--model.num_channels=64", "--model.num_res_blocks=2"]
-DEFAULT_DIT = ["--model.name=dit"]
+TOKEN_DIT = ["--model.name=dit", "--model.conditioning=token"]  # 384 x 12, patch 4, 8/2 heads
 
 
 def forward_flops(model, size=32):
@@ -70,7 +70,7 @@ def main():
     print(f"matmul ceiling: fp32 {ceiling:.0f} GFLOP/s (1024^3), bf16 {ceiling_bf16:.1f} GFLOP/s (256^3)")
     print(f"{'model':<22}{'batch':>6}{'micro':>6}{'dtype':>6}{'img/s':>9}{'GFLOP/s':>9}{'of fp32 matmul':>16}")
     results = {}
-    for name, cfg_args in (("seed UNet (64 ch)", SEED_UNET), ("default DiT (token)", DEFAULT_DIT)):
+    for name, cfg_args in (("seed UNet (64 ch)", SEED_UNET), ("DiT 384x12 (token)", TOKEN_DIT)):
         for batch, micro in ((8, 4), (64, -1)):
             for dtype in (None, torch.bfloat16):
                 if dtype is not None and batch == 64 and results[(name, 8, dtype)] < results[(name, 8, None)] / 3:

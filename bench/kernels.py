@@ -52,10 +52,10 @@ def verdict(device, fused_wins):
     listed = device in csrc.FUSED_ATTENTION_WINS
     agree = "agrees" if listed == fused_wins else "DISAGREES: update csrc.FUSED_ATTENTION_WINS and BENCHMARKS.md"
     return (f"{device}: the fused attention {'beats' if fused_wins else 'does not beat'} SDPA forward+backward at "
-            f"the default DiT's shape; auto uses {'fused' if listed else 'SDPA'} there, which {agree}\n")
+            f"the 384 x 12 DiT's shape; auto uses {'fused' if listed else 'SDPA'} there, which {agree}\n")
 
 
-shapes = [(64, 8, 2, 65, 48, "default DiT (token conditioning)"),
+shapes = [(64, 8, 2, 65, 48, "DiT 384x12 (token conditioning)"),
           (16, 4, 4, 256, 32, "UNet 16x16 attention"),
           (8, 8, 2, 257, 128, "long, wide heads")]
 contenders = [("fused", ops.attention), ("SDPA", sdpa), ("reference", model.attention_reference)]
@@ -114,7 +114,7 @@ torch.set_num_threads(threads)
 print()
 
 # -----------------------------------------------------------------------------
-# a whole training step of the default DiT: forward, backward, AdamW
+# a whole training step of the 384 x 12 token DiT: forward, backward, AdamW
 
 
 def training_step(net, optimizer, use_kernels):
@@ -133,7 +133,7 @@ with_ms, without_ms = race([lambda: training_step(net, optimizer, True), lambda:
                            repeats=3)
 csrc.extension, csrc.ATTENTION = saved
 params = sum(p.numel() for p in net.parameters()) / 1e6
-print(f"| default DiT training step (token, 384 x 12, 8/2 heads, {params:.1f}M params, batch 64, AdamW) | ms |")
+print(f"| DiT training step (token, 384 x 12, 8/2 heads, {params:.1f}M params, batch 64, AdamW) | ms |")
 print("|---|---|")
 print(f"| with the extension | {with_ms:.0f} |")
 print(f"| pure PyTorch (model.attention_reference, eager noise) | {without_ms:.0f} |")
@@ -147,7 +147,7 @@ if torch.cuda.is_available() and csrc.supports("attention_forward", torch.empty(
     print(f"GPU: {torch.cuda.get_device_name()}")
     print("| shape B,H,KV,N,D bf16 | pass | fused ms | SDPA ms | fused vs SDPA |")
     print("|---|---|---|---|---|")
-    gpu_shapes = [(256, *shapes[0][1:])] + shapes  # first the default DiT at a GPU's batch of 256
+    gpu_shapes = [(256, *shapes[0][1:])] + shapes  # first the 384 x 12 DiT at a GPU's batch of 256
     for B, H, KV, N, D, label in gpu_shapes:
         q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(B, KV, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))

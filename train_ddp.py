@@ -281,8 +281,12 @@ while not finished:
         next(batches)
     loss_sum, loss_count, steps_run, epoch_seconds, data_seconds = torch.zeros((), device=device), 0, 0, 0.0, 0.0
     if position > 0 and resumed is not None and resumed.get("epoch_loss"):  # the stopped run's part of this epoch
-        carried_sum, loss_count = resumed["epoch_loss"]
-        loss_sum += carried_sum  # already the mean over ranks: the all-reduce and division below keep it so
+        carried, loss_count = resumed["epoch_loss"]
+        # this rank's own sum, so the epoch's loss comes out bit for bit as if no run had stopped; from another
+        # number of ranks (or an older checkpoint, which kept their mean) each rank carries the mean sum
+        if isinstance(carried, list):
+            carried = carried[rank] if len(carried) == world_size else sum(carried) / len(carried)
+        loss_sum += carried
     bar = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", leave=False, disable=not master,
                dynamic_ncols=True)
     while True:
@@ -325,11 +329,13 @@ while not finished:
     bar.close()
     epoch_ended = step % steps_per_epoch == 0  # also when a resumed run finished an epoch another one began
     epoch_done = epoch + 1 if epoch_ended else epoch
+    rank_sums = [loss_sum]
     if distributed:
-        dist.all_reduce(loss_sum)
-        loss_sum /= world_size
-    epoch_loss = loss_sum.item() / max(loss_count, 1)
-    epoch_progress = None if epoch_ended else (loss_sum.item(), loss_count)  # a resumed run carries it on
+        rank_sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
+        dist.all_gather(rank_sums, loss_sum)
+    rank_sums = [value.item() for value in rank_sums]
+    epoch_loss = sum(rank_sums) / world_size / max(loss_count, 1)
+    epoch_progress = None if epoch_ended else (rank_sums, loss_count)  # a resumed run carries it on
     rate = steps_run * batch_size * world_size / max(epoch_seconds, 1e-9)
     partial = "" if epoch_ended else f" ({step % steps_per_epoch}/{steps_per_epoch} steps)"
     log(f"epoch {epoch + 1}{partial} | loss {epoch_loss:.4f} | {epoch_seconds:.1f} s | {rate:.0f} img/s | "

@@ -401,7 +401,10 @@ def test_todays_50_step_samplers_shrink_the_spread_of_a_perfect_model():
     assert draw(d, 20, "dpm++2m", 2000).std().item() == pytest.approx(S, rel=0.02)
 
 
-@pytest.mark.parametrize("preset", ["config.yaml", "configs/cpu_2h.yaml"])
+PRESETS = sorted(os.path.join("configs", name) for name in os.listdir(os.path.join(ROOT, "configs")))
+
+
+@pytest.mark.parametrize("preset", ["config.yaml"] + PRESETS)
 def test_the_default_sampler_reproduces_the_data_spread(preset):
     from config import load_config
     cfg = load_config(["--config", os.path.join(ROOT, preset)])

@@ -1,6 +1,7 @@
 """
 make bench, CPU training section: images/s of one optimiser step for the seed command's UNet and the
-384 x 12 token DiT (config.yaml's default DiT until the conditioning ablation of RESULTS.md), at the seed's batch (8, micro-batch 4) and at 64, in fp32 and bf16, against this machine's
+384 x 12 token DiT (config.yaml's default DiT until the conditioning ablation of RESULTS.md), at the seed's
+batch (8, micro-batch 4) and at 64, in fp32 and bf16, against this machine's
 matmul ceiling. With IMPROVED_DIFFUSION_DIR pointing at a checkout of openai/improved-diffusion, its own
 UNet and training loss run the seed command's step side by side.
 """

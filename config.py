@@ -14,7 +14,9 @@ import yaml
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
 # what a key meant before it existed, for configs saved in checkpoints older than the key: such a model was
 # trained on eps with plain MSE, whatever config.yaml's default is now
-LEGACY_VALUES = {"diffusion": {"prediction": "eps", "loss_weighting": "none", "zero_terminal_snr": False}}
+LEGACY_VALUES = {"diffusion": {"prediction": "eps", "loss_weighting": "none", "zero_terminal_snr": False,
+                               "timestep_sampling": "uniform"},
+                 "model": {"skip": False, "final_conv": False, "stem": "patch", "mlp_conv": False}}
 
 
 def fail(message):
@@ -65,7 +67,8 @@ def apply_overrides(cfg, args, sections=None):
 def check(cfg):
     m, d = cfg["model"], cfg["diffusion"]
     choices = {("model", "name"): ("dit", "unet"), ("model", "conditioning"): ("adaln", "token"),
-               ("model", "pos_embed"): ("sincos", "learned"),
+               ("model", "pos_embed"): ("sincos", "learned"), ("model", "stem"): ("patch", "conv"),
+               ("diffusion", "timestep_sampling"): ("uniform", "lognormal"),
                ("diffusion", "noise_schedule"): ("linear", "cosine", "polynomial"),
                ("diffusion", "prediction"): ("eps", "v", "x0"), ("diffusion", "loss_weighting"): ("none", "min_snr"),
                ("sampling", "sampler"): ("ddpm", "ddim", "dpm++2m"), ("sampling", "variance"): ("small", "large"),

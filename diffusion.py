@@ -109,6 +109,8 @@ def ddim_step(*args):
 
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
+TIMESTEP_SAMPLINGS = ("uniform", "lognormal")
+LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2  # of log sigma, EDM's P_mean and P_std (Karras et al. 2022)
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
 
@@ -120,14 +122,18 @@ class Diffusion:
     the identity unless the process was made by respace().
     """
 
-    def __init__(self, betas, timestep_map=None, prediction="eps", loss_weighting="none", min_snr_gamma=5.0):
+    def __init__(self, betas, timestep_map=None, prediction="eps", loss_weighting="none", min_snr_gamma=5.0,
+                 timestep_sampling="uniform"):
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting={loss_weighting!r} is not one of {', '.join(LOSS_WEIGHTINGS)}")
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling={timestep_sampling!r} is not one of {', '.join(TIMESTEP_SAMPLINGS)}")
         self.prediction, self.loss_weighting, self.min_snr_gamma = prediction, loss_weighting, float(min_snr_gamma)
+        self.timestep_sampling = timestep_sampling
         self.num_steps = len(betas)
         self.timestep_map = np.arange(self.num_steps) if timestep_map is None else np.asarray(timestep_map)
         alphas = 1.0 - betas
@@ -140,6 +146,8 @@ class Diffusion:
             self.sqrt_recip_alpha_bar = np.sqrt(1.0 / alpha_bar)
             self.sqrt_recipm1_alpha_bar = np.sqrt(1.0 / alpha_bar - 1)
         self.snr = alpha_bar / (1.0 - alpha_bar)  # signal-to-noise ratio alpha_bar / (1 - alpha_bar)
+        with np.errstate(divide="ignore"):
+            self.log_sigma = -0.5 * np.log(self.snr)  # increasing in t; +inf at t = T under zero terminal SNR
         # q(x_{t-1} | x_t, x_0) = N(coef_x0 * x_0 + coef_xt * x_t, posterior_variance)
         self.posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
         self.posterior_mean_coef_x0 = betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar)
@@ -153,7 +161,7 @@ class Diffusion:
         if c["zero_terminal_snr"]:
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas, prediction=c["prediction"], loss_weighting=c["loss_weighting"],
-                   min_snr_gamma=c["min_snr_gamma"])
+                   min_snr_gamma=c["min_snr_gamma"], timestep_sampling=c["timestep_sampling"])
 
     def respace(self, steps, spacing="uniform"):
         """A process over `steps` timesteps of this one, with betas that keep alpha_bar. spacing uniform: evenly
@@ -174,7 +182,8 @@ class Diffusion:
             raise ValueError(f"spacing={spacing!r} is not one of uniform, logsnr")
         alpha_bar = self.alpha_bar[use]
         betas = 1.0 - alpha_bar / np.append(1.0, alpha_bar[:-1])
-        return Diffusion(betas, self.timestep_map[use], self.prediction, self.loss_weighting, self.min_snr_gamma)
+        return Diffusion(betas, self.timestep_map[use], self.prediction, self.loss_weighting, self.min_snr_gamma,
+                         self.timestep_sampling)
 
     def coef(self, name, t):
         """Table `name` gathered at integer timesteps t (B,), as float32 on t's device."""
@@ -214,6 +223,21 @@ class Diffusion:
 
     # ---- training
 
+    def sample_timesteps(self, batch, device):
+        """Training timesteps (batch,). uniform: every step alike. lognormal: log sigma drawn from
+        N(LOGNORMAL_MEAN, LOGNORMAL_STD^2) and rounded to the step with the nearest log sigma, which spends the
+        training on the middle noise levels, where the image's content is decided, and little on the
+        nearly clean and nearly pure-noise ends."""
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_steps, (batch,), device=device)
+        if self.num_steps == 1:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        table = self.coef("log_sigma", torch.arange(self.num_steps, device=device))
+        wanted = torch.randn(batch, device=device) * LOGNORMAL_STD + LOGNORMAL_MEAN
+        above = torch.searchsorted(table, wanted).clamp(1, self.num_steps - 1)  # table[above - 1] < wanted <= ...
+        nearer_below = (wanted - table[above - 1]) < (table[above] - wanted)
+        return above - nearer_below.long()
+
     def q_sample(self, x0, t, noise):
         return q_sample_op(x0, noise, self.coef("sqrt_alpha_bar", t), self.coef("sqrt_one_minus_alpha_bar", t))
 
@@ -230,7 +254,7 @@ class Diffusion:
         """Per-sample (weighted) MSE between the model's prediction and its target, shape (B,), and the
         timesteps used."""
         if t is None:
-            t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
+            t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)

@@ -120,21 +120,48 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+class TokenConv(nn.Module):
+    """A depthwise 3x3 convolution over the grid of patch tokens (B, N, C), leaving a leading condition token
+    as it is: the locality a convolution has and attention lacks (LocalViT, U-DiT), at C * 9 weights.
+    Initialised as the identity, so a block that gains it starts as the block without it."""
+
+    def __init__(self, channels, grid):
+        super().__init__()
+        self.grid = grid
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        nn.init.dirac_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        extra = N - self.grid ** 2
+        # (B, N, C) is the memory of a channels-last image, so neither permute copies
+        image = x[:, extra:].reshape(B, self.grid, self.grid, C).permute(0, 3, 1, 2)
+        out = self.conv(image).permute(0, 2, 3, 1).reshape(B, self.grid ** 2, C)
+        return torch.cat([x[:, :extra], out], dim=1) if extra else out
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. With adaLN the conditioning vector c sets a shift, scale and gate for
-    each half; without it (token conditioning) c has already been prepended as a token and is ignored."""
+    each half; without it (token conditioning) c has already been prepended as a token and is ignored.
+    skip_in: a long skip arrives here (U-ViT); the block first merges it, concatenated, back to the width.
+    mlp_conv_grid: with mlp_conv, the token grid the MLP's depthwise convolution runs over (0: none)."""
 
-    def __init__(self, dim, num_heads, num_kv_heads, mlp_ratio, dropout, adaln):
+    def __init__(self, dim, num_heads, num_kv_heads, mlp_ratio, dropout, adaln, skip_in=False, mlp_conv_grid=0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6)
         self.attn = SelfAttention(dim, num_heads, num_kv_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+        local = [TokenConv(hidden, mlp_conv_grid)] if mlp_conv_grid else []
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), *local, nn.GELU(approximate="tanh"), nn.Dropout(dropout),
                                  nn.Linear(hidden, dim))
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln else None
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip_in else None
 
-    def forward(self, x, c):
+    def forward(self, x, c, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
         if self.adaln is None:
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
@@ -143,16 +170,33 @@ class Block(nn.Module):
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+STEM_CHANNELS = 32  # the conv stem's width: two 3x3 convolutions at full resolution cost about a tenth of a small DiT
+
+
 class DiT(nn.Module):
+    """The options after pos_embed add the locality of a convolution network, each off by default:
+    skip: U-ViT's long skips, block i feeding block depth-1-i (an odd depth leaves a middle block unpaired);
+    final_conv: a 3x3 convolution on the unpatchified output, which sees across the patch borders (U-ViT);
+    stem: "patch", the DiT paper's strided patch embedding, or "conv", two 3x3 convolutions at full
+    resolution before it (Xiao et al. 2021, "Early convolutions help transformers see better");
+    mlp_conv: a depthwise 3x3 convolution over the token grid inside each MLP (LocalViT, U-DiT).
+    Each starts as the identity, so a new model is still the identity through its blocks and predicts zeros."""
+
     def __init__(self, image_size=32, image_channels=3, num_classes=10, patch_size=4, hidden_dim=384, depth=12,
                  num_heads=8, num_kv_heads=2, mlp_ratio=4.0, conditioning="adaln", pos_embed="sincos",
-                 class_dropout=0.1, dropout=0.0):
+                 class_dropout=0.1, dropout=0.0, skip=False, final_conv=False, stem="patch", mlp_conv=False):
         super().__init__()
         self.image_channels, self.patch_size, self.num_classes = image_channels, patch_size, num_classes
         self.grid = image_size // patch_size
         self.adaln = conditioning == "adaln"
         num_tokens = self.grid ** 2 + (0 if self.adaln else 1)  # token mode: one extra condition token first
-        self.patch_embed = nn.Conv2d(image_channels, hidden_dim, patch_size, stride=patch_size)
+        if stem == "conv":
+            self.stem = nn.Sequential(nn.Conv2d(image_channels, STEM_CHANNELS, 3, padding=1), nn.GELU(approximate="tanh"),
+                                      nn.Conv2d(STEM_CHANNELS, STEM_CHANNELS, 3, padding=1), nn.GELU(approximate="tanh"))
+        else:
+            self.stem = None
+        patch_in = STEM_CHANNELS if stem == "conv" else image_channels
+        self.patch_embed = nn.Conv2d(patch_in, hidden_dim, patch_size, stride=patch_size)
         self.cond_embed = ConditionEmbedding(hidden_dim, num_classes, class_dropout)
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_dim))
@@ -161,11 +205,16 @@ class DiT(nn.Module):
             if not self.adaln:
                 table = torch.cat([torch.zeros(1, hidden_dim), table])  # the condition token is told apart by content
             self.register_buffer("pos_embed", table[None], persistent=False)
-        self.blocks = nn.ModuleList(Block(hidden_dim, num_heads, num_kv_heads, mlp_ratio, dropout, self.adaln)
-                                    for _ in range(depth))
+        # with skips, block i's output also feeds block depth-1-i: the out half is the blocks past the middle
+        self.num_skips = depth // 2 if skip else 0
+        self.blocks = nn.ModuleList(Block(hidden_dim, num_heads, num_kv_heads, mlp_ratio, dropout, self.adaln,
+                                          skip_in=i >= depth - self.num_skips,
+                                          mlp_conv_grid=self.grid if mlp_conv else 0)
+                                    for i in range(depth))
         self.final_norm = nn.LayerNorm(hidden_dim, elementwise_affine=not self.adaln, eps=1e-6)
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim)) if self.adaln else None
         self.final_linear = nn.Linear(hidden_dim, patch_size * patch_size * image_channels)
+        self.final_conv = nn.Conv2d(image_channels, image_channels, 3, padding=1) if final_conv else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -189,22 +238,40 @@ class DiT(nn.Module):
                 nn.init.zeros_(module[-1].bias)
         nn.init.zeros_(self.final_linear.weight)
         nn.init.zeros_(self.final_linear.bias)
+        # the options start as the identity: a skip merge passes its block's own input on and ignores the
+        # skip, the output convolution passes each pixel through; neither starts at zero, which would leave it
+        # and the zero layer before it without a gradient
+        for block in self.blocks:
+            if block.skip_linear is not None:
+                weight = block.skip_linear.weight.data
+                weight.zero_()
+                weight[:, :weight.shape[0]] = torch.eye(weight.shape[0])
+        if self.final_conv is not None:
+            nn.init.dirac_(self.final_conv.weight)
+            nn.init.zeros_(self.final_conv.bias)
 
     def forward(self, x, t, y):
         H, W = x.shape[-2:]
+        if self.stem is not None:
+            x = self.stem(x)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, g*g, hidden)
         c = self.cond_embed(t, y)  # (B, hidden)
         if not self.adaln:
             tokens = torch.cat([c[:, None], tokens], dim=1)  # (B, 1 + g*g, hidden)
         tokens = tokens + self.pos_embed
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            skip = skips.pop() if block.skip_linear is not None else None
+            tokens = block(tokens, c, skip)
+            if i < self.num_skips:
+                skips.append(tokens)
         if self.adaln:
             shift, scale = self.final_adaln(c).unsqueeze(1).chunk(2, dim=-1)
             tokens = modulate(self.final_norm(tokens), shift, scale)
         else:
             tokens = self.final_norm(tokens[:, 1:])
-        return unpatchify(self.final_linear(tokens), self.patch_size, H, W)  # (B, g*g, p*p*C) -> (B, C, H, W)
+        out = unpatchify(self.final_linear(tokens), self.patch_size, H, W)  # (B, g*g, p*p*C) -> (B, C, H, W)
+        return out if self.final_conv is None else self.final_conv(out)
 
 
 # -----------------------------------------------------------------------------
@@ -324,7 +391,8 @@ def build_model(model_cfg):
     if c["name"] == "dit":
         return DiT(patch_size=c["patch_size"], hidden_dim=c["hidden_dim"], depth=c["depth"], num_heads=c["num_heads"],
                    num_kv_heads=c["num_kv_heads"], mlp_ratio=c["mlp_ratio"], conditioning=c["conditioning"],
-                   pos_embed=c["pos_embed"], **common)
+                   pos_embed=c["pos_embed"], skip=c["skip"], final_conv=c["final_conv"], stem=c["stem"],
+                   mlp_conv=c["mlp_conv"], **common)
     return UNet(num_channels=c["num_channels"], num_res_blocks=c["num_res_blocks"], channel_mult=c["channel_mult"],
                 attention_resolutions=c["attention_resolutions"], num_heads=c["unet_num_heads"], **common)
 
@@ -343,8 +411,10 @@ def model_summary(model, model_cfg):
     model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
     if c["name"] == "dit":
+        options = [name for name, on in (("skip", c["skip"]), ("final_conv", c["final_conv"]),
+                                         ("conv stem", c["stem"] == "conv"), ("mlp_conv", c["mlp_conv"])) if on]
         arch = (f"DiT {c['conditioning']} patch {c['patch_size']} dim {c['hidden_dim']} depth {c['depth']} "
-                f"heads {c['num_heads']}/{c['num_kv_heads']} kv")
+                f"heads {c['num_heads']}/{c['num_kv_heads']} kv" + "".join(f" +{o}" for o in options))
     else:
         arch = f"UNet channels {c['num_channels']} x {tuple(c['channel_mult'])} res_blocks {c['num_res_blocks']}"
     return f"{arch} | {params / 1e6:.2f}M parameters | {counter.get_total_flops() / 1e9:.2f} GFLOPs/image forward"

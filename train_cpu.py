@@ -51,7 +51,7 @@ def train_step(model, diffusion, optimizer, x, y, microbatch=0, grad_clip=0.0, a
     no_sync, when given (DDP), is a context for all chunks but the last, so gradients are reduced once.
     Returns (per-sample losses (B,), timesteps (B,), grad norm before clipping)."""
     B = x.shape[0]
-    t = torch.randint(0, diffusion.num_steps, (B,), device=x.device)
+    t = diffusion.sample_timesteps(B, x.device)
     noise = torch.randn_like(x)
     chunk = microbatch if 0 < microbatch < B else B
     losses = []

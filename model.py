@@ -129,7 +129,7 @@ class TokenConv(nn.Module):
         super().__init__()
         self.grid = grid
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
-        nn.init.dirac_(self.conv.weight)
+        nn.init.dirac_(self.conv.weight, groups=channels)
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x):

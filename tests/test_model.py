@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -245,3 +246,220 @@ def test_update_ema_equals_a_lerp_per_parameter():
     update_ema(ema, model, 0.999)
     for e, want in zip(ema.parameters(), expected):
         assert torch.equal(e, want)
+
+
+# -----------------------------------------------------------------------------
+# the DiT's convolutional options (model.skip, final_conv, stem, mlp_conv)
+
+OPTIONS = {"skip": dict(skip=True), "final_conv": dict(final_conv=True), "stem": dict(stem="conv"),
+           "mlp_conv": dict(mlp_conv=True),
+           "all": dict(skip=True, final_conv=True, stem="conv", mlp_conv=True)}
+EACH_OPTION = pytest.mark.parametrize("option", list(OPTIONS))
+
+
+def randomised(model, seed=1):
+    """model with every parameter drawn at random, so no zero initialisation hides a wiring mistake."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model
+
+
+@EACH_OPTION
+@pytest.mark.parametrize("conditioning", ["adaln", "token"])
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_dit_option_starts_as_identity_through_its_blocks_and_predicts_zeros(option, conditioning, depth):
+    model = tiny_dit(conditioning=conditioning, depth=depth, **OPTIONS[option])
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    out = model(*inputs())
+    assert out.shape == (4, 3, 32, 32) and out.abs().max().item() == 0.0
+    if conditioning == "adaln":  # with token conditioning only the skip merges start as the identity
+        for block_input, block_output in seen:
+            assert torch.equal(block_input, block_output)
+    for block in model.blocks:
+        if block.skip_linear is not None:  # the merge passes the block's own input and ignores the skip
+            x, skip = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+            assert torch.equal(block.skip_linear(torch.cat([x, skip], dim=-1)), x)
+
+
+@pytest.mark.parametrize("option", ["skip", "final_conv", "mlp_conv"])
+@pytest.mark.parametrize("conditioning", ["adaln", "token"])
+def test_an_option_that_starts_as_the_identity_leaves_a_trained_model_unchanged(option, conditioning):
+    """The same weights with the option added at its initial value give the same output: skip, the output
+    convolution and the MLP convolution change a model only once they are trained."""
+    plain = randomised(tiny_dit(conditioning=conditioning, depth=4))
+    torch.manual_seed(0)
+    extended = tiny_dit(conditioning=conditioning, depth=4, **OPTIONS[option])
+    weights = plain.state_dict()
+    if option == "mlp_conv":  # the convolution sits after the MLP's first layer, so its second moves up one
+        weights = {k.replace("mlp.3.", "mlp.4."): v for k, v in weights.items()}
+    missing, unexpected = extended.load_state_dict(weights, strict=False)
+    assert not unexpected and missing
+    x, t, y = inputs()
+    torch.testing.assert_close(extended(x, t, y), plain(x, t, y), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [2, 5, 6])
+def test_each_out_block_merges_the_output_of_its_matching_in_block(depth):
+    """Block depth-1-i receives block i's output as its skip, and a gradient through that skip reaches block i
+    alone: the loss's gradient with respect to block i's output changes when the out block's skip half of the
+    merge is cut, and the other in blocks' gradients change only through block i."""
+    model = randomised(tiny_dit(depth=depth, skip=True))
+    outputs, skips = {}, {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out))
+        block.register_forward_pre_hook(lambda mod, args, i=i: skips.__setitem__(i, args[2]))
+    x, t, y = inputs(2)
+    model(x, t, y)
+    pairs = {depth - 1 - i: i for i in range(depth // 2)}
+    for j in range(depth):
+        if j in pairs:
+            assert skips[j] is outputs[pairs[j]], (j, pairs[j])
+        else:
+            assert skips[j] is None
+            assert model.blocks[j].skip_linear is None
+    # the gradient check: cutting out block j's skip half changes d loss / d (block i's output) for its i
+    for j, i in pairs.items():
+        def grad_at_in_block(cut):
+            captured = {}
+
+            def keep(mod, args, out):
+                out.retain_grad()
+                captured["out"] = out
+            handle = model.blocks[i].register_forward_hook(keep)
+            saved = model.blocks[j].skip_linear.weight.data.clone()
+            if cut:
+                model.blocks[j].skip_linear.weight.data[:, 64:] = 0
+            model(x, t, y).square().sum().backward()
+            model.blocks[j].skip_linear.weight.data.copy_(saved)
+            handle.remove()
+            model.zero_grad()
+            return captured["out"].grad
+        assert not torch.allclose(grad_at_in_block(False), grad_at_in_block(True)), (j, i)
+
+
+def test_skip_merges_learn_from_their_identity_start():
+    model = tiny_dit(depth=4, skip=True)
+    randomised(model.blocks[0])  # a block that does something, so the skip carries information
+    diffusion = Diffusion(get_beta_schedule("linear", 1000))
+    loss, _ = diffusion.training_losses(model, torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    loss.mean().backward()
+    model.final_linear.weight.data.normal_()  # a second pass, now that the output layer is not zero
+    model.zero_grad()
+    diffusion.training_losses(model, torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))[0].mean().backward()
+    for block in model.blocks:
+        if block.skip_linear is not None:
+            assert block.skip_linear.weight.grad[:, 64:].abs().max() > 0
+
+
+def token_conv_reference(x, weight, bias, grid):
+    """A depthwise 3x3 convolution over the grid of the last grid**2 tokens, by explicit neighbours."""
+    B, N, C = x.shape
+    extra = N - grid * grid
+    image = x[:, extra:].reshape(B, grid, grid, C)
+    padded = F.pad(image, (0, 0, 1, 1, 1, 1))
+    out = torch.zeros_like(image)
+    for dy in range(3):
+        for dx in range(3):
+            out += padded[:, dy:dy + grid, dx:dx + grid] * weight[:, 0, dy, dx]
+    out = (out + bias).reshape(B, grid * grid, C)
+    return torch.cat([x[:, :extra], out], dim=1)
+
+
+@pytest.mark.parametrize("B,grid,C,extra", [(1, 1, 1, 0), (2, 3, 5, 0), (3, 4, 8, 1), (2, 8, 17, 1), (1, 7, 12, 0)])
+def test_token_conv_is_a_depthwise_3x3_convolution_over_the_token_grid(B, grid, C, extra):
+    conv = model_module.TokenConv(C, grid)
+    x = torch.randn(B, extra + grid * grid, C)
+    assert torch.equal(conv(x), x)  # the identity at the start
+    randomised(conv)
+    expected = token_conv_reference(x, conv.conv.weight, conv.conv.bias, grid)
+    torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+    if extra:
+        assert torch.equal(conv(x)[:, :extra], x[:, :extra])  # the condition token is no pixel
+
+
+def test_mlp_conv_reaches_only_the_3x3_neighbours_of_a_token():
+    block = randomised(model_module.Block(16, 2, 1, 2.0, 0.0, adaln=True, mlp_conv_grid=5)).mlp
+    x = torch.randn(1, 25, 16, requires_grad=True)
+    block(x)[0, 12].sum().backward()  # token 12 is the centre (2, 2) of the 5 x 5 grid
+    reached = (x.grad[0].abs().sum(dim=1) > 0).view(5, 5)
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    expected[1:4, 1:4] = True
+    assert torch.equal(reached, expected)
+
+
+def test_final_conv_lets_an_output_pixel_see_across_its_patch_border():
+    """Without the output convolution a pixel's prediction comes from its own token alone (patchify's test
+    above); with it, from the neighbouring pixels of the next patch too."""
+    model = randomised(tiny_dit(final_conv=True, patch_size=4))
+    captured = {}
+
+    def keep(mod, args, out):
+        out.retain_grad()
+        captured["t"] = out
+    model.final_linear.register_forward_hook(keep)
+    model(*inputs(1))[0, :, 3, 3].sum().backward()  # the bottom-right pixel of token 0 borders tokens 1, 8, 9
+    touched = captured["t"].grad[0].abs().sum(dim=1) > 0
+    assert touched.nonzero().flatten().tolist() == [0, 1, 8, 9]
+
+
+@pytest.mark.parametrize("image_size,patch_size", [(32, 4), (16, 2), (12, 4)])
+def test_conv_stem_keeps_the_token_grid_and_costs_under_15_percent(image_size, patch_size):
+    cfg = load_config(["--model.name=dit", "--model.hidden_dim=192", "--model.depth=6", "--model.num_heads=6",
+                       f"--model.image_size={image_size}", f"--model.patch_size={patch_size}"])
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(**options):
+        model = build_model({**cfg["model"], **options})
+        x = torch.zeros(1, 3, image_size, image_size)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = model.eval()(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        assert out.shape == x.shape and out.abs().max().item() == 0.0
+        return counter.get_total_flops()
+    plain = flops()
+    assert plain < flops(stem="conv") < 1.15 * plain
+
+
+@pytest.mark.parametrize("conditioning", ["adaln", "token"])
+def test_dit_with_every_option_fits_four_images(conditioning):
+    torch.manual_seed(0)
+    model = tiny_dit(conditioning=conditioning, image_size=16, depth=3, **OPTIONS["all"])
+    diffusion = Diffusion(get_beta_schedule("linear", 1000))
+    x0, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 3, 5, 9])
+    t, noise = torch.full((4,), 50), torch.randn(4, 3, 16, 16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(200):
+        loss = diffusion.training_losses(model, x0, y, t, noise)[0].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.01 * losses[0], (losses[0], losses[-1])
+
+
+def test_options_off_keep_the_parameter_names_of_a_dit_without_them():
+    """Every key of the plain DiT's state dict is there under the same name and shape, and no other, so a
+    checkpoint saved before the options existed loads strictly."""
+    names = {k: v.shape for k, v in tiny_dit().state_dict().items()}
+    assert "blocks.0.mlp.3.weight" in names and "final_conv.weight" not in names
+    assert not any("skip" in k or "stem" in k for k in names)
+
+
+def test_a_dit_checkpoint_saved_before_the_options_loads_and_samples_as_it_did():
+    """tests/fixtures/dit_before_options.pth was written, with the samples it drew, by the code before the
+    options existed (make_dit_before_options.py says how). Today's code loads it strictly and draws the same
+    images: bit for bit on a CPU like the one that wrote it, to float rounding on one whose kernels add up in
+    another order."""
+    from checkpoint import model_from_checkpoint
+    from sample import sample_images
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "dit_before_options.pth")
+    model, cfg, state = model_from_checkpoint(path)
+    assert not any(key in state["config"]["model"] for key in ("skip", "final_conv", "stem", "mlp_conv"))
+    assert not cfg["model"]["skip"] and cfg["model"]["stem"] == "patch"
+    samples = sample_images(model, cfg, state["test_labels"], generator=torch.Generator().manual_seed(1),
+                            **state["test_sampling"])
+    torch.testing.assert_close(samples, state["test_samples"], atol=1e-5, rtol=0)

@@ -112,6 +112,8 @@ def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     ("--diffusion.prediction=score", "diffusion.prediction='score' is not one of eps, v, x0"),
     ("--diffusion.loss_weighting=p2", "diffusion.loss_weighting='p2' is not one of none, min_snr"),
     ("--training.precision=fp16", "training.precision='fp16' is not one of auto, fp32, bf16"),
+    ("--model.stem=resnet", "model.stem='resnet' is not one of patch, conv"),
+    ("--diffusion.timestep_sampling=logit", "diffusion.timestep_sampling='logit' is not one of uniform, lognormal"),
 ])
 def test_a_bad_choice_is_a_one_line_error(capsys, arg, expected):
     assert expected in one_line_error(capsys, [arg])

@@ -485,3 +485,53 @@ def test_eps_models_sample_exactly_as_the_plain_eps_loop(sampler, eta):
             x = ddim_step_reference(x, eps, noise, c("sqrt_recip_alpha_bar"), c("sqrt_recipm1_alpha_bar"),
                                     ab_prev.sqrt(), (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt(), sigma, True)
     torch.testing.assert_close(got, x, atol=2e-6, rtol=0)
+
+
+# ---- training timesteps (diffusion.timestep_sampling)
+
+def test_uniform_timesteps_draw_what_randint_draws():
+    """uniform draws the very numbers the training step drew before the option existed, so runs at a fixed
+    seed, and resumed runs, are unchanged."""
+    d = Diffusion(get_beta_schedule("linear", T))
+    torch.manual_seed(3)
+    drawn = d.sample_timesteps(4096, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.randint(0, T, (4096,)))
+
+
+@pytest.mark.parametrize("schedule,zero_terminal_snr,steps", [("linear", False, 1000), ("cosine", False, 1000),
+                                                              ("linear", True, 1000), ("linear", False, 7)])
+def test_lognormal_timesteps_are_the_steps_nearest_each_drawn_noise_level(schedule, zero_terminal_snr, steps):
+    betas = get_beta_schedule(schedule, steps)
+    d = Diffusion(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas, timestep_sampling="lognormal")
+    torch.manual_seed(5)
+    t = d.sample_timesteps(20000, torch.device("cpu"))
+    torch.manual_seed(5)
+    wanted = (torch.randn(20000) * 1.2 - 1.2).double()
+    with np.errstate(divide="ignore"):
+        log_sigma = torch.as_tensor(0.5 * np.log((1 - d.alpha_bar) / d.alpha_bar))
+    distance = (log_sigma[None, :] - wanted[:, None]).abs()
+    nearest = distance.argmin(dim=1)
+    # a tie to float32 rounding may go either way; everything else is the nearest step
+    chosen = distance.gather(1, t[:, None]).squeeze(1)
+    assert (chosen - distance.min(dim=1).values).max() < 1e-5
+    assert (t == nearest).float().mean() > 0.999
+    assert t.min() >= 0 and t.max() < steps
+
+
+def test_lognormal_timesteps_have_edms_noise_levels_where_the_schedule_reaches():
+    """On the linear schedule log sigma spans about -4.6 to 5.1, so EDM's N(-1.2, 1.2^2) lies inside it and the
+    drawn steps' log sigma has its mean and spread; half the draws fall below sigma = exp(-1.2)."""
+    d = Diffusion(get_beta_schedule("linear", T), timestep_sampling="lognormal")
+    t = d.sample_timesteps(50000, torch.device("cpu"))
+    log_sigma = torch.as_tensor(0.5 * np.log((1 - d.alpha_bar) / d.alpha_bar))[t]
+    assert abs(log_sigma.mean().item() - -1.2) < 0.03
+    assert abs(log_sigma.std().item() - 1.2) < 0.03
+    assert abs((log_sigma < -1.2).double().mean().item() - 0.5) < 0.01
+
+
+def test_a_respaced_process_keeps_its_timestep_sampling():
+    d = Diffusion(get_beta_schedule("linear", T), timestep_sampling="lognormal")
+    assert d.respace(50).timestep_sampling == "lognormal"
+    with pytest.raises(ValueError, match="timestep_sampling='beta'"):
+        Diffusion(get_beta_schedule("linear", T), timestep_sampling="beta")

@@ -202,6 +202,27 @@ def test_a_checkpoint_from_before_prediction_targets_stays_eps_whatever_the_defa
     assert load_config([])["diffusion"]["prediction"] == "v"  # while a new run takes the new default
 
 
+def test_a_checkpoint_from_before_the_dit_options_stays_a_plain_dit_whatever_the_default(tmp_path, monkeypatch):
+    """A DiT saved before model.skip, final_conv, stem, mlp_conv and diffusion.timestep_sampling existed had none
+    of them; a config.yaml that turns them on for new runs must not add them to it (its weights would not load)."""
+    import config
+    import yaml
+    old = load_config(["--model.name=dit"])
+    for key in ("skip", "final_conv", "stem", "mlp_conv"):
+        del old["model"][key]
+    del old["diffusion"]["timestep_sampling"]
+    newer = defaults()
+    newer["model"].update(skip=True, final_conv=True, stem="conv", mlp_conv=True)
+    newer["diffusion"]["timestep_sampling"] = "lognormal"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(newer))
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(tmp_path / "config.yaml"))
+    cfg = load_config([], base=old)
+    m = cfg["model"]
+    assert (m["skip"], m["final_conv"], m["stem"], m["mlp_conv"]) == (False, False, "patch", False)
+    assert cfg["diffusion"]["timestep_sampling"] == "uniform"
+    assert load_config([])["model"]["skip"] is True  # while a new run takes the new default
+
+
 def test_a_script_exits_with_status_two_and_no_traceback():
     code = "import sys; from config import load_config; load_config(sys.argv[1:])"
     result = subprocess.run([sys.executable, "-c", code, "--model.num_kv_heads=3"], cwd=ROOT,

@@ -9,7 +9,7 @@ import runpy
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SECTIONS = ["kernels", "cpu_recipe", "dit_reference", "dit_sizes", "train", "sample"]
+SECTIONS = ["kernels", "cpu_recipe", "dit_reference", "dit_sizes", "dit_options", "train", "sample"]
 
 for section in sys.argv[1:] or list(SECTIONS):
     if section not in SECTIONS:

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from bench import dit_reference, dit_sizes
+from bench import dit_options, dit_reference, dit_sizes
 
 TINY = ["--rounds", "1", "--batch_size", "2", "--model.depth=1", "--model.hidden_dim=32", "--model.num_heads=4",
         "--model.num_kv_heads=2", "--training.precision=fp32"]
@@ -87,7 +87,8 @@ def test_dit_reference_times_the_real_checkout_beside_ours(capsys):
 
 @pytest.mark.parametrize("section, argv", [(dit_reference, ["--rounds", "0"]), (dit_reference, ["--batch_size", "-3"]),
                                            (dit_sizes, ["--rounds", "0"]), (dit_sizes, ["--batch_size", "-3"]),
-                                           (dit_sizes, ["--minutes", "0"])])
+                                           (dit_sizes, ["--minutes", "0"]), (dit_options, ["--rounds", "0"]),
+                                           (dit_options, ["--batch_size", "-3"])])
 def test_bench_sections_refuse_a_count_below_one_in_one_line(section, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         section.main(argv)
@@ -112,3 +113,17 @@ def test_dit_sizes_lists_the_unet_recipe_and_each_candidate_with_its_parameters_
         # 10 minutes at `rate` images/s, 2 images a step; the rate is printed to 0.1 img/s, which alone moves
         # the steps by up to 600 * 0.05 / 2 = 15 (a slow, loaded machine's 2.46 img/s prints as 2.5)
         assert int(steps.replace(",", "")) == pytest.approx(600 * float(rate) / 2, abs=600 * 0.05 / 2 + 1)
+
+
+def test_dit_options_times_the_recipe_and_each_option_with_its_own_parameters(capsys):
+    from config import load_config
+    from model import build_model
+    tiny = ["--model.depth=2", "--model.hidden_dim=32", "--model.num_heads=4", "--model.num_kv_heads=2"]
+    dit_options.main(["--rounds", "1", "--batch_size", "2", "--no_compile"] + tiny)
+    lines = capsys.readouterr().out.splitlines()
+    rows = lines[next(i for i, line in enumerate(lines) if line.startswith("step")) + 1:]
+    assert [row.split("  ")[0].strip() for row in rows] == [name for name, _ in dit_options.CONTENDERS]
+    assert rows[0].endswith("1.00x")
+    for row, (name, options) in zip(rows, dit_options.CONTENDERS):
+        model = build_model(load_config(dit_options.RECIPE + options + tiny)["model"])
+        assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M" in row, (name, row)

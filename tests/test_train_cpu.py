@@ -100,8 +100,9 @@ def test_microbatching_equals_one_full_batch_step(microbatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_continues_exactly(tmp_path, synthetic_data):
-    common = ["--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_resume_continues_exactly(tmp_path, synthetic_data, compiled):
+    common = [f"--training.compile={compiled}", "--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
               "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--save_interval", "3",
               "--log_interval", "3", "--output_dir", str(tmp_path), "--sampling.steps=2", "--grid_per_class=1",
               "--training.warmup_steps=4", "--training.precision=fp32"]  # auto could choose differently per run
@@ -116,6 +117,25 @@ def test_resume_continues_exactly(tmp_path, synthetic_data):
     assert_same_checkpoint_weights(straight, split)
     with open(tmp_path / "split" / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
+
+
+def test_a_failed_compile_says_so_in_one_line_and_trains_as_eager_would(tmp_path, synthetic_data, monkeypatch, capsys):
+    def broken_compile(model, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("no C++ compiler found\nsecond line of the compiler's error")
+        return compiled
+    common = ["--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
+              "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--max_steps", "3",
+              "--output_dir", str(tmp_path), "--grid_per_class=0", "--training.precision=fp32"]
+    main(common + ["--run", "eager"])
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    capsys.readouterr()
+    main(common + ["--run", "fallback", "--training.compile=true"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "torch.compile" in line]
+    assert notes == ["note: torch.compile failed (RuntimeError: no C++ compiler found): training eager"]
+    # the trial step drew no random numbers and left no gradient behind
+    assert_same_checkpoint_weights(torch.load(tmp_path / "eager" / "checkpoint.pth", weights_only=False),
+                                   torch.load(tmp_path / "fallback" / "checkpoint.pth", weights_only=False))
 
 
 def test_precision_auto_follows_the_bf16_matmul_race(monkeypatch):
@@ -240,7 +260,7 @@ def test_every_image_train_flag_at_its_default_is_taken(capsys):
     m, d, tc, s = cfg["model"], cfg["diffusion"], cfg["training"], cfg["sampling"]
     assert (m["num_channels"], m["num_res_blocks"], m["unet_num_heads"], m["attention_resolutions"], m["dropout"]) \
         == (128, 2, 4, [16, 8], 0.0)
-    assert (d["num_steps"], d["noise_schedule"], d["prediction"]) == (1000, "linear", "eps")
+    assert (d["num_steps"], d["noise_schedule"], d["prediction"], d["loss_weighting"]) == (1000, "linear", "eps", "none")
     assert (tc["learning_rate"], tc["batch_size"], tc["weight_decay"], tc["ema_rate"], tc["save_interval"]) \
         == (1e-4, 1, 0.0, 0.9999, 10000)
     assert m["class_dropout"] == 1.0  # class_cond False: unconditional, as image_train.py trains by default
@@ -257,6 +277,12 @@ def test_every_image_train_flag_at_its_default_is_taken(capsys):
     (["--use_fp16", "False"], ("training", "precision"), "auto"),
     (["--predict_xstart", "True"], ("diffusion", "prediction"), "x0"),
     (["--predict_xstart", "False"], ("diffusion", "prediction"), "eps"),
+    ([], ("diffusion", "prediction"), "eps"),  # image_train.py's objective, whatever config.yaml's default
+    ([], ("diffusion", "loss_weighting"), "none"),
+    # unless the preset names its own
+    (["--config", os.path.join(ROOT, "configs", "cpu_2h.yaml")], ("diffusion", "prediction"), "v"),
+    (["--config", os.path.join(ROOT, "configs", "cpu_2h.yaml")], ("diffusion", "loss_weighting"), "min_snr"),
+    (["--diffusion.prediction=v"], ("diffusion", "prediction"), "v"),
     (["--sigma_small", "True"], ("sampling", "variance"), "small"),
     (["--sigma_small", "False"], ("sampling", "variance"), "large"),
     (["--ema_rate", "0.999"], ("training", "ema_rate"), 0.999),

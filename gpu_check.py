@@ -96,8 +96,13 @@ def stage_build(plan, out, deadline):
     return ok, result
 
 
+CUDA_TEST_FILES = [os.path.join("tests", "test_kernels.py")]
+
+
 def stage_cuda_tests(plan, out, deadline):
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider"]
+    # the files that hold CUDA tests, not the whole suite: a package only another test file imports (a plotting
+    # library, say) must not stop collection and hide what the kernels do
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider"] + CUDA_TEST_FILES
     started = time.time()
     rc = run_logged(cmd, deadline)
     with open(os.path.join(out, "cuda_tests.log")) as f:
@@ -111,7 +116,9 @@ def stage_cuda_tests(plan, out, deadline):
               "summary": summary if rc is not None else f"ran out of time ({summary})"}
     result["lines"] = [f"`pytest -m cuda`: {summary}, exit {rc}, {result['seconds']} s", ""] + \
         [f"- failed: `{name}`" for name in failures[:30]] + [f"- skipped: {reason}" for reason in reasons]
-    return rc == 0, result
+    # exit 5, nothing ran: every CUDA test skipped (no GPU in a dry run, or no extension), which the skip
+    # reasons above say; a GPU run also has the build stage, which fails where the extension did not build
+    return rc == 0 or (rc == 5 and counts.get("skipped", 0) > 0 and not failures), result
 
 
 def stage_throughput(plan, out, deadline):

@@ -49,7 +49,8 @@ if use_cuda:
     extension = CUDAExtension
     extra_compile_args["nvcc"] = ["-O0", "-g", "-G"] if debug else ["-O3"]
     cxx.append("-DWITH_CUDA")  # noise_steps.cpp then sends CUDA tensors to cuda/noise_steps.cu
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    found = [".".join(map(str, torch.cuda.get_device_capability(i))) for i in range(torch.cuda.device_count())]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = flags.cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), found)
 openmp = "" if flags.openmp_flags(platform.system()) else ", without OpenMP (one thread)"
 print(f"csrc: building the CPU kernels{openmp} and " +
       (f"the CUDA kernels for sm {os.environ['TORCH_CUDA_ARCH_LIST']} ({why})" if use_cuda

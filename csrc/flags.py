@@ -62,3 +62,14 @@ def cuda_build(dit_cuda, torch_cuda, nvcc):
     if nvcc.split(".")[0] != torch_cuda.split(".")[0]:
         return False, f"nvcc {nvcc} does not match torch's CUDA {torch_cuda}"
     return True, f"nvcc {nvcc} matches torch's CUDA {torch_cuda}"
+
+
+def cuda_arch_list(requested, found):
+    """TORCH_CUDA_ARCH_LIST for the CUDA build: as requested when set; else the compute capabilities of the GPUs
+    found ("9.0"), so a build on the machine that runs it compiles one architecture; else 8.0 and 9.0 (A100,
+    H100). The newest also as PTX ("+PTX"), which the driver compiles for any newer GPU: SASS alone loads only on
+    the architecture it was built for."""
+    if requested:
+        return requested
+    archs = sorted(set(found), key=lambda arch: tuple(int(part) for part in arch.split("."))) or ["8.0", "9.0"]
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])

@@ -163,3 +163,10 @@ def test_a_checkout_without_the_extension_skips_the_kernel_tests_and_passes_the_
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["cuda_tests"]["status"] == "passed", check.stdout[-2000:]
     assert check.returncode == 0
+
+
+def test_the_cuda_build_targets_the_gpus_found_with_ptx_for_the_newest():
+    assert flags.cuda_arch_list(None, ["9.0"]) == "9.0+PTX"
+    assert flags.cuda_arch_list("", ["9.0", "10.0", "8.0", "9.0"]) == "8.0;9.0;10.0+PTX"  # 10.0 is newer than 9.0
+    assert flags.cuda_arch_list(None, []) == "8.0;9.0+PTX"  # no GPU visible: a login node builds for A100 and H100
+    assert flags.cuda_arch_list("8.6", ["9.0"]) == "8.6"  # what the user asked for, as asked

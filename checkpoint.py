@@ -3,13 +3,16 @@ Checkpoints: written atomically (a temporary file in the same folder, flushed to
 one, the folder flushed too), so a crash or Ctrl-C mid-write leaves the last good checkpoint intact; what a
 killed write left behind is removed by the next save of that checkpoint. Every script that reads one goes
 through load_checkpoint / model_from_checkpoint, so a bad file is a one-line error; newest_checkpoint picks
-the one to resume from.
+the one to resume from. claim_run_folder keeps two jobs, or a repeated command, from writing one run's
+folder: a lock while a job runs, and a refusal to start afresh over a run's checkpoints.
 
 A checkpoint is a dict: model, ema, optimizer, step, epoch, config (the full dict), class_names, rng
 (CPU and CUDA generator states) and whatever else the writer adds (scaler, elapsed, ...).
 """
+import atexit
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -162,3 +165,77 @@ def set_rng_state(state, quiet=False):
         if saved > here and not quiet:
             print(f"warning: the checkpoint holds the random states of {saved} GPUs and this machine has {here}: "
                   f"the first {here} are restored, the others' noise is not the saved run's", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# one job per run folder
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderTaken(Exception):
+    """The run folder is another job's, or holds a run that a fresh start would overwrite; the message is the
+    one line to print."""
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def claim_run_folder(folder, checkpoints, resuming, overwrite=False, ways_on=""):
+    """Take folder for this job, or raise RunFolderTaken with the line to stop on. A fresh run (not resuming) whose folder already holds
+    one of the checkpoints stops unless overwrite, naming ways_on (how to continue it or start elsewhere): a
+    repeated command must not replace hours of training with its first save. The lock is a file created
+    atomically, naming this process and host; a second job on the folder stops naming the holder, and a lock
+    whose process is gone from this host (a job killed with kill -9) is taken over with a warning. The lock
+    goes when this process exits; under torchrun, rank 0 holds it for the group."""
+    os.makedirs(folder, exist_ok=True)
+    lock = os.path.join(folder, LOCK_NAME)
+    mine = f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    pid, _, host = f.read().strip().partition(" ")
+            except FileNotFoundError:  # released between our two looks
+                continue
+            if f"{pid} {host}" == mine:  # this process's own, from a run it made before (main called twice)
+                break
+            if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+                print(f"warning: {folder} was locked by process {pid}, which is gone: taking the lock over",
+                      file=sys.stderr)
+                try:
+                    os.unlink(lock)
+                except FileNotFoundError:  # another job took it over first; the next look sees which
+                    pass
+                continue
+            raise RunFolderTaken(f"{folder} is in use by process {pid} on {host or 'an unknown host'} (its lock: "
+                                 f"{lock}); wait for that job, or give this one another folder")
+        with os.fdopen(fd, "w") as f:
+            f.write(mine + "\n")
+        atexit.register(release_run_folder, lock, mine)
+        break
+    held = [path for path in checkpoints if os.path.isfile(path)]
+    if held and not resuming and not overwrite:
+        release_run_folder(lock, mine)
+        raise RunFolderTaken(f"{folder} already holds a run ({os.path.basename(held[0])}): {ways_on}")
+    return lock
+
+
+def release_run_folder(lock, owner=None):
+    """Remove the lock if it is still this process's."""
+    owner = owner or f"{os.getpid()} {socket.gethostname()}"
+    try:
+        with open(lock) as f:
+            if f.read().strip() == owner:
+                os.unlink(lock)
+    except FileNotFoundError:
+        pass

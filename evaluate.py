@@ -428,9 +428,13 @@ def run_compare(args, metrics, class_names):
     from data import save_grid
     if metrics["classifier"] is None:
         fail("--compare needs the project's classifier: python evaluate.py --train-classifier")
+    from checkpoint import RunFolderTaken, claim_run_folder
     cells = [(text, parse_cell(text)) for text in args.cells.split(",")]
     csv_path = os.path.join(args.output_dir, "compare.csv")
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:  # one comparison at a time in a folder: two would each append the rows they find missing
+        claim_run_folder(args.output_dir, [], resuming=True)
+    except RunFolderTaken as e:
+        fail(str(e))
     if not os.path.isfile(csv_path):
         with open(csv_path, "w", newline="") as f:
             csv.writer(f).writerow(COMPARE_COLUMNS)

@@ -230,6 +230,8 @@ def parse_args(argv):
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights): "
                         "--training.precision=bf16; the default, auto, takes bf16 where this CPU runs it faster")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (--training.compile=true)")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh in a run folder that already holds a "
+                        "checkpoint, replacing it (without this, such a run stops before training)")
     parser.add_argument("--grid_per_class", type=int, default=4, help="samples per class in the final grid (0: none)")
     return parser.parse(argv)
 
@@ -303,7 +305,8 @@ def build_config(args, overrides, base=None):
 
 def main(argv):
     args, overrides = parse_args(argv)
-    from checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from checkpoint import (RunFolderTaken, claim_run_folder, load_checkpoint, release_run_folder, rng_state,
+                            save_checkpoint, set_rng_state)
     from csrc import KERNELS_PATH
     from data import load_cifar10, plot_curves, random_batches, to_model_range
     from diffusion import Diffusion
@@ -320,7 +323,13 @@ def main(argv):
         run_dir = os.path.join(args.output_dir, args.run or f"{cfg['model']['name']}-"
                                f"{cfg['diffusion']['noise_schedule']}-{time.strftime('%Y%m%d-%H%M%S')}")
     run = os.path.basename(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pth")
+    try:
+        lock = claim_run_folder(run_dir, [checkpoint_path], resuming=resumed is not None, overwrite=args.overwrite,
+                         ways_on=f"--resume {checkpoint_path} continues it, another --run (or --output_dir) "
+                                 f"starts a new one, --overwrite trains over it")
+    except RunFolderTaken as e:
+        fail(str(e))
 
     # data: one uint8 tensor in memory; batches are cut from it in the training thread, so no loader
     # worker competes with the two cores that do the maths
@@ -376,7 +385,6 @@ def main(argv):
     metrics_path = os.path.join(run_dir, "metrics.csv")
     columns = ["step", "images", "loss", "mse", "grad_norm"] + QUARTERS + ["images_per_s", "elapsed_s"]
     restart_metrics(metrics_path, columns, step if resumed is not None else None)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pth")
 
     def save():
         save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
@@ -458,6 +466,7 @@ def main(argv):
         written.append(os.path.join(run_dir, "samples.png"))
         save_class_grid(ema, cfg, class_names, written[-1], per_class=args.grid_per_class, progress=True)
     print(f"step {step} | {elapsed / 60:.1f} min of training | wrote {', '.join(written)}")
+    release_run_folder(lock)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from checkpoint import (UnreadableCheckpoint, newest_checkpoint, read_checkpoint, rng_state, save_checkpoint,
-                        set_rng_state)
+from checkpoint import (RunFolderTaken, UnreadableCheckpoint, claim_run_folder, newest_checkpoint, read_checkpoint,
+                        rng_state, save_checkpoint, set_rng_state)
 from config import fail, load_config
 from csrc import KERNELS_PATH
 from data import load_cifar10, plot_curves, random_batches
@@ -37,9 +37,12 @@ from sample import save_class_grid, save_timestep_grid
 from train_cpu import autocast_dtype_for, ema_rate_at, lr_at, make_optimizer, restart_metrics, train_step
 
 # -----------------------------------------------------------------------------
-# command line: --resume PATH|auto, the rest is configuration
+# command line: --resume PATH|auto, --overwrite, the rest is configuration
 
 argv = sys.argv[1:]
+overwrite = "--overwrite" in argv  # start afresh over the checkpoints already in checkpoint_dir
+if overwrite:
+    argv.remove("--overwrite")
 resume = None
 for i, arg in enumerate(argv):
     if arg == "--resume" or arg.startswith("--resume="):
@@ -106,6 +109,25 @@ def fail_together(message):
         fail(message)
     raise SystemExit(2)
 
+
+# -----------------------------------------------------------------------------
+# one job per run: rank 0 locks the checkpoint and output folders for the group, and a fresh start stops
+# rather than replace the checkpoints of a run already there (a repeated command, a retried job)
+
+taken = [""]
+if master:
+    held = [latest_path, best_path, *glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth"))]
+    try:
+        for folder, checkpoints in ((ckpt_dir, held), (out_dir, [])):
+            claim_run_folder(folder, checkpoints, resuming=resume is not None, overwrite=overwrite,
+                             ways_on="--resume auto continues it, another training.checkpoint_dir (and "
+                                     "training.output_dir) starts a new one, --overwrite trains over it")
+    except RunFolderTaken as e:
+        taken[0] = str(e)
+if distributed:
+    dist.broadcast_object_list(taken)
+if taken[0]:
+    fail_together(taken[0])
 
 # -----------------------------------------------------------------------------
 # resume: rank 0 chooses the checkpoint and every rank reads that one. Each choosing from its own disk (nodes

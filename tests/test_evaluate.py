@@ -364,7 +364,8 @@ def test_colour_statistics_against_a_plain_count():
 
 
 def test_compare_scores_every_checkpoint_at_every_cell_and_resumes(workspace, tmp_path, capsys):
-    first = tiny_checkpoint(tmp_path / "eps" / "checkpoint.pth")
+    first = tiny_checkpoint(tmp_path / "eps" / "checkpoint.pth",
+                            overrides=["--diffusion.prediction=eps", "--diffusion.loss_weighting=none"])
     second = tiny_checkpoint(tmp_path / "v" / "checkpoint.pth", overrides=["--diffusion.prediction=v"], seed=1)
     cells = "ddim-2-eta1-g3,dpm++2m-3-g2-i0.5:20,ddpm-2-large"
     args = ["--compare", first, second, "--cells", cells, "--num-samples", "20"] + common_args(workspace, tmp_path)
@@ -429,3 +430,27 @@ def test_settings_evaluate_cannot_use_are_one_line_errors(workspace, tmp_path, c
     run = lambda: evaluate.main(["--checkpoint", tiny_checkpoint(tmp_path / "tiny.pth"), arg]  # noqa: E731
                                 + common_args(workspace, tmp_path))
     expect_one_line_error(capsys, run, fragment)
+
+
+def test_a_second_comparison_into_a_folder_in_use_stops_naming_the_holder(workspace, tmp_path, capsys):
+    """Two comparisons into one folder would each append the rows they find missing to compare.csv."""
+    import subprocess
+    import sys
+    checkpoint = tiny_checkpoint(tmp_path / "a" / "checkpoint.pth")
+    out = tmp_path / "compare"
+    out.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from checkpoint import claim_run_folder; claim_run_folder(sys.argv[2], [], True); "
+                               "print('locked', flush=True); time.sleep(600)", root, str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["--compare", checkpoint, "--cells", "ddim-2", "--num-samples", "4"] + common_args(workspace, out)
+        expect_one_line_error(capsys, lambda: evaluate.main(args), f"in use by process {holder.pid}")
+        assert not (out / "compare.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    evaluate.main(args)  # once that job is gone, its lock is taken over and the comparison runs
+    assert len(read_rows(out / "compare.csv")) == 1

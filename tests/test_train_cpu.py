@@ -1,6 +1,7 @@
 import copy
 import csv
 import os
+import signal
 import subprocess
 import sys
 
@@ -204,7 +205,8 @@ def test_compile_trains_like_eager(tmp_path, synthetic_data):
 def test_both_schedules_train_a_tiny_model(schedule):
     assert not (get_beta_schedule("polynomial", 1000) == get_beta_schedule("linear", 1000)).all()
     cfg = load_config(["--model.name=dit", "--model.hidden_dim=64", "--model.depth=2", "--model.num_heads=4",
-                       "--model.num_kv_heads=2", "--model.class_dropout=0.0", f"--diffusion.noise_schedule={schedule}"])
+                       "--model.num_kv_heads=2", "--model.class_dropout=0.0", f"--diffusion.noise_schedule={schedule}",
+                       "--diffusion.prediction=eps", "--diffusion.loss_weighting=none"])
     model, diffusion = build_model(cfg["model"]), Diffusion.from_config(cfg["diffusion"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     x, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.arange(8)
@@ -432,3 +434,83 @@ def test_resume_drops_metrics_rows_past_its_checkpoint(tmp_path, synthetic_data)
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["loss"]) != 999 and float(rows[-1]["loss"]) < 10
+
+
+# -----------------------------------------------------------------------------
+# one job per run folder: a repeated command or a second job never loses a run
+
+
+def tiny_run(synthetic_data, tmp_path, *extra):
+    return ["--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
+            "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--output_dir", str(tmp_path),
+            "--grid_per_class=0", "--training.precision=fp32", "--save_interval", "2", "--run", "seq", *extra]
+
+
+def metrics_steps(path):
+    with open(path) as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def test_the_same_command_again_stops_before_training_and_keeps_the_run(tmp_path, synthetic_data, capsys):
+    main(tiny_run(synthetic_data, tmp_path, "--max_steps", "6"))
+    folder = tmp_path / "seq"
+    before = torch.load(folder / "checkpoint.pth", weights_only=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_run(synthetic_data, tmp_path, "--max_steps", "2"))  # a shell history slip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder) in err
+    assert f"--resume {folder / 'checkpoint.pth'}" in err and "--run" in err and "--overwrite" in err
+    after = torch.load(folder / "checkpoint.pth", weights_only=False)
+    assert after["step"] == before["step"] == 6
+    assert_same_checkpoint_weights(before, after)
+    assert metrics_steps(folder / "metrics.csv") == [2, 4, 6]
+    assert not (folder / ".lock").exists()
+    # on purpose, it trains over it; resumed, it goes on appending
+    main(tiny_run(synthetic_data, tmp_path, "--max_steps", "2", "--overwrite"))
+    assert torch.load(folder / "checkpoint.pth", weights_only=False)["step"] == 2
+    main(["--resume", str(folder / "checkpoint.pth"), "--max_steps", "4", "--grid_per_class=0"])
+    assert metrics_steps(folder / "metrics.csv") == [2, 4]
+
+
+def hold_lock(folder):
+    """A live process of another job holding folder's lock, as a running training would."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from checkpoint import claim_run_folder; claim_run_folder(sys.argv[2], [], False); "
+                               "print('locked', flush=True); time.sleep(600)", ROOT, str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_job_on_a_folder_in_use_stops_naming_the_holder(tmp_path, synthetic_data, capsys):
+    import socket
+    main(tiny_run(synthetic_data, tmp_path, "--max_steps", "2"))
+    holder = hold_lock(tmp_path / "seq")
+    try:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:  # even resuming: the folder is another job's
+            main(["--resume", str(tmp_path / "seq" / "checkpoint.pth"), "--max_steps", "4", "--grid_per_class=0"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"in use by process {holder.pid} on {socket.gethostname()}" in err
+        assert torch.load(tmp_path / "seq" / "checkpoint.pth", weights_only=False)["step"] == 2
+        assert metrics_steps(tmp_path / "seq" / "metrics.csv") == [2]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_killed_job_is_taken_over_with_a_warning(tmp_path, synthetic_data, capsys):
+    main(tiny_run(synthetic_data, tmp_path, "--max_steps", "2"))
+    holder = hold_lock(tmp_path / "seq")
+    holder.send_signal(signal.SIGKILL)  # kill -9: no chance to remove its lock
+    holder.wait()
+    assert (tmp_path / "seq" / ".lock").exists()
+    capsys.readouterr()
+    main(["--resume", str(tmp_path / "seq" / "checkpoint.pth"), "--max_steps", "4", "--grid_per_class=0"])
+    err = capsys.readouterr().err
+    assert f"locked by process {holder.pid}, which is gone: taking the lock over" in err
+    assert torch.load(tmp_path / "seq" / "checkpoint.pth", weights_only=False)["step"] == 4
+    assert not (tmp_path / "seq" / ".lock").exists()

@@ -337,3 +337,38 @@ def test_a_non_finite_gradient_skips_the_fused_step_and_leaves_weights_and_state
     x[0, 0, 0, 0] = 0.0
     train_step(model, diffusion, optimizer, x, y, grad_clip=1.0)  # and a good step after it still moves them
     assert not all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+@pytest.mark.slow
+def test_the_same_command_again_under_torchrun_stops_before_training_and_keeps_the_run(tmp_path, synthetic_data):
+    train(*options(tmp_path, synthetic_data, "--training.max_steps=3"), launcher=TORCHRUN)
+    model_dir = tmp_path / "model"
+    before = torch.load(model_dir / "cifar10_dit_ckpt.pth", weights_only=False)
+    log_before = (tmp_path / "outputs" / "training_log.csv").read_text()
+    again = train(*options(tmp_path, synthetic_data, "--training.max_steps=1"), launcher=TORCHRUN, check=False)
+    assert again.returncode != 0
+    refusal = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(refusal) == 1 and str(model_dir) in refusal[0] and "already holds a run" in refusal[0]
+    assert "--resume auto" in refusal[0] and "--overwrite" in refusal[0]
+    after = torch.load(model_dir / "cifar10_dit_ckpt.pth", weights_only=False)
+    assert after["step"] == before["step"] == 3
+    assert_same_checkpoint_weights(before, after)
+    assert (tmp_path / "outputs" / "training_log.csv").read_text() == log_before
+    assert not (model_dir / ".lock").exists() and not (tmp_path / "outputs" / ".lock").exists()
+
+
+def test_a_second_job_on_a_locked_checkpoint_folder_stops_naming_the_holder(tmp_path, synthetic_data):
+    (tmp_path / "model").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from checkpoint import claim_run_folder; claim_run_folder(sys.argv[2], [], False); "
+                               "print('locked', flush=True); time.sleep(600)", ROOT, str(tmp_path / "model")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = train(*options(tmp_path, synthetic_data, "--training.max_steps=1"), check=False)
+        assert result.returncode == 2
+        assert f"in use by process {holder.pid}" in result.stderr and "Traceback" not in result.stderr
+        assert os.listdir(tmp_path / "model") == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()

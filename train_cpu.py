@@ -376,9 +376,11 @@ def main(argv):
 
     def request_stop(signum, frame):
         if stop["requested"]:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:  # a second Ctrl-C: a person who will not wait
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM (a scheduler's) must not break the save the first one asked for
         stop["requested"] = True
-        tqdm.write(f"signal {signum}: finishing this step, saving, then exiting (again to abort)")
+        tqdm.write(f"signal {signum}: finishing this step, saving, then exiting (Ctrl-C again to abort)")
 
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 

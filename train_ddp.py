@@ -243,8 +243,11 @@ stop_requested = False
 
 
 def request_stop(signum, frame):
+    """A second Ctrl-C aborts at once (a person who will not wait); a second SIGTERM changes nothing, since
+    schedulers send it again (SLURM signals every process, and torchrun passes its own on) while the save
+    the first one asked for may be inside a collective."""
     global stop_requested
-    if stop_requested:
+    if stop_requested and signum == signal.SIGINT:
         raise KeyboardInterrupt
     stop_requested = True
 

@@ -514,3 +514,21 @@ def test_a_lock_left_by_a_killed_job_is_taken_over_with_a_warning(tmp_path, synt
     assert f"locked by process {holder.pid}, which is gone: taking the lock over" in err
     assert torch.load(tmp_path / "seq" / "checkpoint.pth", weights_only=False)["step"] == 4
     assert not (tmp_path / "seq" / ".lock").exists()
+
+
+def test_a_second_sigterm_does_not_break_the_save_the_first_asked_for(tmp_path, synthetic_data):
+    import time
+    args = tiny_run(synthetic_data, tmp_path, "--max_steps", "100000", "--grid_per_class=1", "--sampling.steps=20")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_cpu.py"), *args], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoint = tmp_path / "seq" / "checkpoint.pth"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # the same signal sent twice at once arrives once: the second comes once the first is seen
+    process.send_signal(signal.SIGTERM)  # a scheduler's repeat, while the run saves and draws its grid
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    state = torch.load(checkpoint, weights_only=False)
+    assert f"step {state['step']} |" in stdout and (tmp_path / "seq" / "samples.png").exists()

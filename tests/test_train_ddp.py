@@ -139,8 +139,10 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", [PYTHON, TORCHRUN], ids=["one process", "torchrun, two processes"])
-def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path, synthetic_data, launcher):
+@pytest.mark.parametrize("launcher, signals", [(PYTHON, 1), (TORCHRUN, 1), (PYTHON, 2), (TORCHRUN, 2)],
+                         ids=["one process", "torchrun, two processes", "one process, SIGTERM twice",
+                              "torchrun, every worker signalled twice"])
+def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path, synthetic_data, launcher, signals):
     args = options(tmp_path, synthetic_data, "--training.save_every=1", "--training.num_epochs=1000")
     latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
     process = subprocess.Popen([*launcher, os.path.join(ROOT, "train_ddp.py"), *args], cwd=ROOT,
@@ -151,10 +153,19 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path,
     assert latest.exists(), "no checkpoint after the first epoch"
     first = torch.load(latest, weights_only=False)["step"]
     time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+    if signals == 1:
+        process.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+    else:  # as SLURM does: every process, and again at once, while the first one's save may be under way
+        targets = [process.pid] if launcher == PYTHON else worker_pids(process.pid, 0) + worker_pids(process.pid, 1)
+        for pid in targets:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)  # the same signal sent twice at once arrives once: the second comes once the first is seen
+        for pid in targets:
+            os.kill(pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    if launcher == PYTHON:  # torchrun itself exits with an error after a signal, whatever its workers did
+    if launcher == PYTHON or signals == 2:  # torchrun signalled itself exits with an error, whatever its workers did
         assert process.returncode == 0, stderr[-2000:]
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     stopped = torch.load(latest, weights_only=False)
     assert f"done: step {stopped['step']}" in stdout  # rank 0 saved where it stopped, then finished in its time
     assert stopped["step"] >= first

@@ -316,10 +316,15 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x).view(B, C, H * W))  # (B, 3C, N)
-        q, k, v = qkv.view(B, 3, self.num_heads, C // self.num_heads, H * W).transpose(-2, -1).unbind(1)
-        out = attention(q, k, v)  # (B, heads, N, C/heads)
-        return x + self.proj(out.transpose(-2, -1).reshape(B, C, H * W)).view(B, C, H, W)
+        # the 1x1 convolutions as linear layers over tokens (B, N, C), so q, k and v come out with the head
+        # dimension innermost and contiguous, the layout every fused SDPA kernel needs (a strided one sends
+        # CUDA to the math kernel); the weights are the convolutions', so checkpoints load as before
+        tokens = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, N, C)
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # (B, N, 3C)
+        q, k, v = qkv.view(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # (B, heads, N, C/heads) -> (B, N, C)
+        out = F.linear(out, self.proj.weight.squeeze(-1), self.proj.bias)
+        return x + out.transpose(1, 2).reshape(B, C, H, W)
 
 
 class UNet(nn.Module):

@@ -63,6 +63,9 @@ best_path = os.path.join(ckpt_dir, "best_model.pth")
 distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 if distributed:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # bound to this rank's GPU, so barriers and the first collectives run there and not on GPU 0 of each node
+    bound = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} \
+        if torch.cuda.is_available() else {}
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun keeps one store for every restart of a job, so the addresses the ranks of a failed attempt
         # published there are still in it, and a restarted rank that reads one connects to a dead process
@@ -77,9 +80,9 @@ if distributed:
         agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"train_ddp/attempt_{attempt}/", agent_store),
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), **bound)
     else:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **bound)
 rank = dist.get_rank() if distributed else 0
 world_size = dist.get_world_size() if distributed else 1
 local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -221,8 +224,10 @@ if resumed is not None:
     log(f"resumed from {resume} at step {step}")
 if master:
     print(model_summary(model, cfg["model"]))
-forward = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
-    if distributed else model
+# no buffer broadcast before every forward: the DiT's only buffer, the position table, never changes (the
+# UNet has none), and the broadcast is a collective each step that waits for rank 0
+forward = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                  broadcast_buffers=False) if distributed else model
 if tc["compile"]:
     # DDP first, then compile, as PyTorch's DDP notes say: DDPOptimizer then splits the graph at DDP's gradient
     # buckets, so each bucket's all-reduce overlaps the rest of the backward pass (compiled inside DDP, the

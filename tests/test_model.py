@@ -463,3 +463,21 @@ def test_a_dit_checkpoint_saved_before_the_options_loads_and_samples_as_it_did()
     samples = sample_images(model, cfg, state["test_labels"], generator=torch.Generator().manual_seed(1),
                             **state["test_sampling"])
     torch.testing.assert_close(samples, state["test_samples"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("B,C,H,W,heads", [(1, 32, 8, 8, 4), (2, 64, 16, 16, 2), (3, 48, 5, 7, 3)])
+def test_unet_attention_hands_attention_the_head_dimension_innermost_and_computes_the_conv_form(B, C, H, W, heads,
+                                                                                                 monkeypatch):
+    """Fused SDPA kernels need q, k, v with a contiguous last dimension; the block's output is still that of
+    its 1x1 convolutions, computed as written: qkv conv, heads split by channel, attention, proj conv."""
+    block = randomised(model_module.AttentionBlock(C, heads))
+    seen = []
+    real = model_module.attention
+    monkeypatch.setattr(model_module, "attention", lambda q, k, v: seen.append((q, k, v)) or real(q, k, v))
+    x = torch.randn(B, C, H, W)
+    out = block(x)
+    assert all(t.stride(-1) == 1 and t.shape == (B, heads, H * W, C // heads) for t in seen[0])
+    qkv = block.qkv(block.norm(x).view(B, C, H * W))  # (B, 3C, N), channel = part * C + head * D + d
+    q, k, v = qkv.view(B, 3, heads, C // heads, H * W).transpose(-2, -1).unbind(1)
+    expected = x + block.proj(attention_reference(q, k, v).transpose(-2, -1).reshape(B, C, H * W)).view(B, C, H, W)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

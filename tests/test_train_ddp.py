@@ -383,3 +383,15 @@ def test_a_second_job_on_a_locked_checkpoint_folder_stops_naming_the_holder(tmp_
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_ddp_does_not_broadcast_the_fixed_buffers_before_every_forward(tmp_path, synthetic_data):
+    record = tmp_path / "ddp_kwargs"
+    script = patched(tmp_path, "import torch.nn.parallel as parallel\n"
+                               "init = parallel.DistributedDataParallel.__init__\n"
+                               "def recording(self, *args, **kwargs):\n"
+                               f"    open({str(record)!r}, 'a').write(repr(kwargs.get('broadcast_buffers', True)) + '\\n')\n"
+                               "    init(self, *args, **kwargs)\n"
+                               "parallel.DistributedDataParallel.__init__ = recording\n")
+    train(*options(tmp_path, synthetic_data, "--training.max_steps=1"), launcher=TORCHRUN, script=script)
+    assert record.read_text().split() == ["False", "False"]  # each rank's wrapper

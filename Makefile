@@ -5,6 +5,15 @@
 PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PY ?= $(VENV_PY)
+# make gpu-check without PY: .venv where it exists, else an interpreter on PATH that already has torch (a GPU
+# machine's or a container's own, often without internet for setup's pip), else .venv made by setup
+ifneq ($(filter gpu-check,$(MAKECMDGOALS)),)
+ifeq ($(origin PY)$(wildcard $(VENV_PY)),file)
+TORCH_PY := $(shell $(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" \
+              2>/dev/null && command -v $(PYTHON))
+PY := $(or $(TORCH_PY),$(VENV_PY))
+endif
+endif
 ARGS ?=
 # the CPU recipe's config; on a GPU machine train_ddp.py reads config.yaml unless CONFIG is given
 CONFIG ?= configs/cpu_2h.yaml
@@ -74,6 +83,7 @@ bench: setup kernels
 # one command for a GPU machine, about 8 minutes: the CUDA build and tests, throughput, a preempted and resumed
 # torchrun, sampling time; writes outputs/gpu_check/. DRY_RUN=1: the same on a tiny model and the CPU
 gpu-check: setup
+	@echo "gpu-check: $(PY)"
 	$(PY) gpu_check.py $(if $(filter 1,$(DRY_RUN)),--dry-run) $(ARGS)
 
 clean:

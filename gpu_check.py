@@ -57,16 +57,55 @@ def save(out, stage, result):
         json.dump(result, f, indent=1)
 
 
-def run_logged(cmd, deadline, **kwargs):
-    """Run cmd in its own process group, output into ours (the stage log); kill the group at the deadline.
+STOP_GRACE_S = 40  # torchrun gives its workers 30 s after passing on a SIGTERM
+
+
+def descendants(pid):
+    """Every process below pid, read from ps: torchrun starts each worker in a process group of its own, so
+    killing the stage's group alone would leave the workers holding the GPU and writing files."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children = {}
+    for line in out.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def run_logged(cmd, deadline, grace=STOP_GRACE_S, **kwargs):
+    """Run cmd in its own process group, output into ours (the stage log). At the deadline: SIGTERM to the
+    group, which torchrun passes on to its workers (they save and stop), then after the grace period SIGKILL
+    to whatever is left of the group and of every process below it, so nothing of this stage outlives it.
     Returns the exit status, or None when it ran out of time."""
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, **kwargs)
     try:
         return proc.wait(timeout=max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
+        pass
+    below = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in below + descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return None
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -328,6 +367,17 @@ STAGES = {"build": stage_build, "cuda_tests": stage_cuda_tests, "throughput": st
 # the driver: every stage in a child process, then report.md and report.json
 
 
+# what the stages import, by module name (package name where pip's differs): one look at the start, so a
+# missing one is named at once instead of failing a stage minutes in
+NEEDED = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "scipy": "scipy", "yaml": "PyYAML",
+          "tqdm": "tqdm", "PIL": "pillow", "matplotlib": "matplotlib", "pytest": "pytest"}
+
+
+def missing_packages():
+    import importlib.util
+    return [package for module, package in NEEDED.items() if importlib.util.find_spec(module) is None]
+
+
 def environment():
     probe = ("import json, platform, torch; print(json.dumps({'python': platform.python_version(), "
              "'torch': torch.__version__, 'cuda': torch.version.cuda, 'gpus': [torch.cuda.get_device_name(i) "
@@ -361,6 +411,12 @@ def main():
         if name not in STAGES:
             print(f"error: --stages: {name!r} is not one of {', '.join(STAGES)}", file=sys.stderr)
             raise SystemExit(2)
+    missing = missing_packages()
+    if missing:
+        print(f"error: {sys.executable} lacks {', '.join(missing)}: pip install {' '.join(missing)}, or run with "
+              f"an interpreter that has them (make gpu-check PY=...)", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"[gpu-check] python: {sys.executable}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.dry_run:

@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -172,3 +173,49 @@ def test_the_cuda_build_targets_the_gpus_found_with_ptx_for_the_newest():
     assert flags.cuda_arch_list("", ["9.0", "10.0", "8.0", "9.0"]) == "8.0;9.0;10.0+PTX"  # 10.0 is newer than 9.0
     assert flags.cuda_arch_list(None, []) == "8.0;9.0+PTX"  # no GPU visible: a login node builds for A100 and H100
     assert flags.cuda_arch_list("8.6", ["9.0"]) == "8.6"  # what the user asked for, as asked
+
+
+def test_a_stage_out_of_time_leaves_no_process_behind_even_in_a_session_of_its_own(tmp_path):
+    """As torchrun's workers are: each in a process group of its own, which killing the stage's group alone
+    does not reach. The stage is asked to stop first (SIGTERM), then everything below it is killed."""
+    import gpu_check
+    pids = tmp_path / "pids"
+    script = ("import os, subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+              f"open({str(pids)!r}, 'w').write(str(child.pid))\n"
+              "time.sleep(600)\n")
+    started = time.time()
+    assert gpu_check.run_logged([sys.executable, "-c", script], time.time() + 3, grace=2) is None
+    assert time.time() - started < 60
+    worker = int(pids.read_text())
+    time.sleep(0.5)
+    try:
+        os.kill(worker, 0)
+        alive = not open(f"/proc/{worker}/stat").read().split()[2] == "Z"
+    except ProcessLookupError:
+        alive = False
+    assert not alive
+
+
+@needs_make
+def test_gpu_check_without_py_uses_an_interpreter_that_has_torch_and_never_pip(tmp_path):
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path)  # a checkout without .venv, as on a fresh GPU machine
+    dry = subprocess.run(["make", "-n", "gpu-check", f"PYTHON={sys.executable}"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert f"{sys.executable} gpu_check.py" in dry and f"gpu-check: {sys.executable}" in dry
+    assert "pip install" not in dry
+    without_torch = subprocess.run(["make", "-n", "gpu-check", "PYTHON=false"], cwd=tmp_path, capture_output=True,
+                                   text=True, timeout=60)
+    assert "pip install" in without_torch.stdout + without_torch.stderr or "requirements.txt" in without_torch.stderr
+
+
+def test_gpu_check_names_every_missing_package_in_one_line(monkeypatch, capsys):
+    import gpu_check
+    monkeypatch.setattr(gpu_check, "NEEDED", {**gpu_check.NEEDED, "no_such_module_a": "plotting-a",
+                                              "no_such_module_b": "plotting-b"})
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--dry-run"])
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lacks plotting-a, plotting-b" in err and sys.executable in err

@@ -163,14 +163,27 @@ if resume:  # every rank reads it, and all stop with one line if one cannot or f
     reports = [report] * world_size
     if distributed:
         dist.all_gather_object(reports, report)
-    for r, (why, resumed_step) in enumerate(reports):
-        where, hint = (f"rank {r}: ", "; every node needs it: put training.checkpoint_dir on a disk they all share, "
-                                      "or copy the file to each") if distributed else ("", "")
-        if why:
-            fail_together(where + why + hint)
-        if resumed_step != reports[0][1]:
-            fail_together(f"{where}its copy of {resume!r} is at step {resumed_step}, rank 0's at step "
-                          f"{reports[0][1]}{hint}")
+    if reports[0][0]:
+        fail_together(("rank 0: " if distributed else "") + reports[0][0])
+    # nodes without a shared filesystem: only rank 0 saves, so another node's disk lacks the file or holds an
+    # older copy. Rank 0 sends its copy to those ranks, which keep it on their own disk for the next restart.
+    lacking = [r for r, (why, resumed_step) in enumerate(reports) if why or resumed_step != reports[0][1]]
+    if lacking:
+        payload = [None]
+        if master:
+            with open(resume, "rb") as f:
+                payload[0] = f.read()
+        dist.broadcast_object_list(payload)
+        if rank in lacking:
+            os.makedirs(os.path.dirname(os.path.abspath(resume)), exist_ok=True)
+            partial = f"{resume}.received{os.getpid()}"  # ranks of one node may share a disk: each its own name
+            with open(partial, "wb") as f:
+                f.write(payload[0])
+            os.replace(partial, resume)
+            resumed = read_checkpoint(resume)
+        del payload
+        log(f"rank 0 sent {resume} to rank(s) {', '.join(map(str, lacking))}, whose disks lacked it or held "
+            f"another step")
     cfg = load_config(argv, base=resumed["config"])  # the run's own config, with the given overrides on top
     tc = cfg["training"]
 

@@ -114,7 +114,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 def newest_checkpoint(paths):
     """(path, step) of the checkpoint among paths with the highest step stored in it (the first of paths on a
-    tie), or (None, 0) when none exists. One that cannot be read is passed over with a warning: a disk that
+    tie), or (None, 0) when none exists. A file of weights alone (no optimiser state: train_ddp's best model)
+    cannot continue a run and is not chosen. One that cannot be read is passed over with a warning: a disk that
     filled up or a copy killed halfway must not cost the run its previous checkpoints. When none of them can be
     read, UnreadableCheckpoint: starting afresh would overwrite them, and the fault may pass (a network disk)."""
     found, unreadable = [], []
@@ -122,7 +123,9 @@ def newest_checkpoint(paths):
         if not os.path.isfile(path):
             continue
         try:
-            found.append((read_checkpoint(path, mmap=True).get("step", 0), path))
+            state = read_checkpoint(path, mmap=True)
+            if state.get("optimizer") is not None:
+                found.append((state.get("step", 0), path))
         except UnreadableCheckpoint as e:
             print(f"warning: passing over checkpoint {path!r}: it {e}", file=sys.stderr)
             unreadable.append(path)

@@ -7,7 +7,7 @@ The main training script. The same file runs on one CPU, one GPU, many GPUs and 
     torchrun --nproc_per_node=8 --max-restarts=3 train_ddp.py --resume auto   # survives preemption
 
 Every config value is an option (--section.key=value). Rank 0 alone writes: model/cifar10_dit_ckpt.pth
-every save_every epochs, model/best_model.pth when the epoch loss improves, model/checkpoint_epoch_{N}.pth
+every save_every epochs, model/best_model.pth (weights alone) when the epoch loss improves, model/checkpoint_epoch_{N}.pth
 at training.checkpoint_epochs, outputs/training_log.csv and training_loss.png, and at the end
 outputs/sample_grid.png and outputs/timestep_grid_10x10.png from the EMA weights. --resume auto continues
 from whichever of those checkpoints holds the most steps and can be read (none: a fresh start).
@@ -287,8 +287,15 @@ def check_together(stop, nonfinite):
     return stop > 0, int(nonfinite)
 
 
-def save(path, epoch):
-    """Collective (every rank's RNG state is gathered); rank 0 writes atomically."""
+def save(path, epoch, weights_only=False):
+    """Collective (every rank's RNG state is gathered); rank 0 writes atomically. weights_only: the model and EMA
+    weights with their config, half the full state's bytes, for the best model, which is written whenever
+    the epoch loss improves (the optimiser's two moments and the RNG states are what resuming needs)."""
+    if weights_only:
+        if master:
+            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": None, "step": step,
+                             "epoch": epoch, "best_loss": best_loss, "config": cfg, "class_names": class_names}, path)
+        return
     states = [None] * world_size
     if distributed:
         dist.all_gather_object(states, rng_state())
@@ -389,7 +396,7 @@ while not finished:
                                     rate, optimizer.param_groups[0]["lr"], elapsed])
     if epoch_ended and epoch_loss < best_loss:
         best_loss = epoch_loss
-        save(best_path, epoch_done)
+        save(best_path, epoch_done, weights_only=True)
     if epoch_ended and epoch_done in tc["checkpoint_epochs"]:
         save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch_done}.pth"), epoch_done)
     if finished or (epoch_ended and epoch_done % tc["save_every"] == 0):

@@ -104,19 +104,22 @@ def test_resume_continues_exactly(tmp_path, synthetic_data, launcher):
 
 def test_resume_auto_takes_the_readable_checkpoint_with_the_most_steps_even_of_an_older_config(tmp_path,
                                                                                               synthetic_data):
-    # 10 steps per epoch: best_model.pth and checkpoint_epoch_1.pth at step 10, the latest at 12
+    # 10 steps per epoch: best_model.pth (weights alone) and checkpoint_epoch_1.pth at step 10, the latest at 12
     train(*options(tmp_path, synthetic_data, "--training.max_steps=12", "--training.checkpoint_epochs=[1]"))
     model = tmp_path / "model"
-    latest, best = model / "cifar10_dit_ckpt.pth", model / "best_model.pth"
+    latest, best, epoch_1 = model / "cifar10_dit_ckpt.pth", model / "best_model.pth", model / "checkpoint_epoch_1.pth"
     latest.write_bytes(latest.read_bytes()[:-1000])  # the newest is cut short: a disk that filled up
-    state = torch.load(best, weights_only=False)
+    state = torch.load(epoch_1, weights_only=False)
     del state["config"]["training"]["log_interval"]  # and the one to resume lacks keys config.yaml gained since
     del state["config"]["diffusion"]["prediction"]
-    torch.save(state, best)
+    torch.save(state, epoch_1)
+    best_state = torch.load(best, weights_only=False)
+    assert best_state["optimizer"] is None and best_state["step"] == 10  # the best model keeps weights alone
+    torch.save(dict(best_state, step=11), best)  # so even at more steps it is not one a run can continue from
     result = train(*options(tmp_path, synthetic_data, "--training.max_steps=13"), "--resume", "auto")
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and str(latest) in warnings[0]
-    assert f"resumed from {best} at step 10" in result.stdout
+    assert f"resumed from {epoch_1} at step 10" in result.stdout
     resumed = torch.load(latest, weights_only=False)
     assert resumed["step"] == 13
     assert resumed["config"]["diffusion"]["prediction"] == "eps"  # the meaning the key had before it existed

@@ -143,6 +143,9 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_the_report(tmp_path):
     paths = ("sdpa", "reference") + (("fused",) if csrc.extension is not None else ())  # a row where it is built
     assert {(r["compile"], r["attention"]) for r in throughput if "ms" in r} == {
         (compiled, attention) for compiled in (False, True) for attention in paths}
+    # the rows that decide the default come first, so a short budget never leaves them out
+    assert [(r["compile"], r["attention"]) for r in throughput[:2]] == [(True, "sdpa"), (False, "sdpa")]
+    assert report["stages"]["build"]["ninja"].startswith(("found", "not found"))  # whether the build runs parallel
     assert all(report["stages"]["resume"]["checks"].values())
     assert (out / "resume.log").exists() and report["stages"]["sampling"]["drawn"] > 0
 

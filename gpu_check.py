@@ -280,7 +280,7 @@ def stage_resume(plan, out, deadline):
            *plan["model"], f"--data.data_dir={data}", f"--training.checkpoint_dir={run}/model",
            f"--training.output_dir={run}/outputs", f"--training.batch_size={plan['train_batch']}",
            f"--training.max_steps={plan['total_steps']}", "--training.warmup_steps=20", "--training.log_interval=10",
-           "--sampling.steps=5"]
+           "--sampling.steps=5", "--training.compile=false"]  # preemption and resume, not speed: no compile twice
     checkpoint = os.path.join(run, "model", "cifar10_dit_ckpt.pth")
     log_csv = os.path.join(run, "outputs", "training_log.csv")
     result = {"processes": nproc, "backend": "nccl" if nproc > 1 else "none (one process)"}

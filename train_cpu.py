@@ -89,7 +89,8 @@ def compile_or_eager(model, diffusion, x, y, autocast_dtype):
     C++ compiler, an operator or CPU the compiler cannot handle) one line says so and the model runs eager. The
     trial's random draws are undone and its gradients dropped: a compiled run starts, and resumes, from the same
     random state as an eager one."""
-    forward = torch.compile(model)
+    uncompiled, forward = model, torch.compile(model)
+    model = getattr(model, "module", model)  # under DDP, the gradients to drop are the wrapped model's
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
                 torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
@@ -98,7 +99,7 @@ def compile_or_eager(model, diffusion, x, y, autocast_dtype):
     except Exception as e:  # the compiler's errors have no common base class
         print(f"note: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
               f"training eager")
-        forward = model
+        forward = uncompiled
     model.zero_grad(set_to_none=True)
     return forward
 
@@ -255,6 +256,8 @@ def build_config(args, overrides, base=None):
     # and it trains eps with plain MSE, whatever config.yaml's default objective, unless the preset names one
     preset_diffusion = preset.get("diffusion") if isinstance(preset, dict) else None
     named = lambda key: base or isinstance(preset_diffusion, dict) and key in preset_diffusion  # noqa: E731
+    preset_training = preset.get("training") if isinstance(preset, dict) else None
+    named_training = lambda key: base or isinstance(preset_training, dict) and key in preset_training  # noqa: E731
     flags = {"model.name": args.model or default_model, "data.data_dir": args.data_dir, "model.image_size": args.image_size,
              "model.num_channels": args.num_channels, "model.num_res_blocks": args.num_res_blocks,
              "diffusion.num_steps": args.diffusion_steps, "diffusion.noise_schedule": args.noise_schedule,
@@ -264,7 +267,8 @@ def build_config(args, overrides, base=None):
              "training.ema_rate": rate, "training.seed": args.seed, "training.max_minutes": args.max_minutes,
              "training.save_interval": args.save_interval,
              "training.precision": "bf16" if args.bf16 or args.use_fp16 else None,
-             "training.compile": True if args.compile else None,
+             # image_train.py does not compile: config.yaml's default (for GPUs) applies only through a preset
+             "training.compile": True if args.compile else (None if named_training("compile") else False),
              "model.class_dropout": 1.0 if args.class_cond is False else None,  # every label the null class
              "diffusion.prediction": "x0" if args.predict_xstart else (None if named("prediction") else "eps"),
              "diffusion.loss_weighting": None if named("loss_weighting") else "none",

@@ -30,11 +30,12 @@ from checkpoint import (RunFolderTaken, UnreadableCheckpoint, claim_run_folder, 
                         rng_state, save_checkpoint, set_rng_state)
 from config import fail, load_config
 from csrc import KERNELS_PATH
-from data import load_cifar10, plot_curves, random_batches
+from data import load_cifar10, plot_curves, random_batches, to_model_range
 from diffusion import Diffusion
 from model import build_model, model_summary, update_ema
 from sample import save_class_grid, save_timestep_grid
-from train_cpu import autocast_dtype_for, ema_rate_at, lr_at, make_optimizer, restart_metrics, train_step
+from train_cpu import (autocast_dtype_for, compile_or_eager, ema_rate_at, lr_at, make_optimizer, restart_metrics,
+                       train_step)
 
 # -----------------------------------------------------------------------------
 # command line: --resume PATH|auto, --overwrite, the rest is configuration
@@ -244,8 +245,10 @@ forward = DistributedDataParallel(model, device_ids=[local_rank] if device.type 
 if tc["compile"]:
     # DDP first, then compile, as PyTorch's DDP notes say: DDPOptimizer then splits the graph at DDP's gradient
     # buckets, so each bucket's all-reduce overlaps the rest of the backward pass (compiled inside DDP, the
-    # backward is one graph, and every all-reduce waits for its end). Checkpoints save model, unwrapped.
-    forward = torch.compile(forward)
+    # backward is one graph, and every all-reduce waits for its end). Checkpoints save model, unwrapped. The
+    # compile happens on a trial step whose random draws are undone; where it fails, one line and eager.
+    forward = compile_or_eager(forward, diffusion, to_model_range(images[:batch_size]), labels[:batch_size],
+                               autocast_dtype)
 max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
 log(f"{world_size} process(es) on {device.type} | batch {batch_size} per process, {batch_size * world_size} in all | "
     f"{steps_per_epoch} steps/epoch | {'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "

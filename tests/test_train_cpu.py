@@ -285,6 +285,10 @@ def test_every_image_train_flag_at_its_default_is_taken(capsys):
     (["--config", os.path.join(ROOT, "configs", "cpu_2h.yaml")], ("diffusion", "prediction"), "v"),
     (["--config", os.path.join(ROOT, "configs", "cpu_2h.yaml")], ("diffusion", "loss_weighting"), "min_snr"),
     (["--diffusion.prediction=v"], ("diffusion", "prediction"), "v"),
+    ([], ("training", "compile"), False),  # image_train.py does not compile, whatever config.yaml's GPU default
+    (["--compile"], ("training", "compile"), True),
+    (["--config", os.path.join(ROOT, "configs", "cpu_dit_2h.yaml")], ("training", "compile"), True),
+    (["--config", os.path.join(ROOT, "configs", "cpu_2h.yaml")], ("training", "compile"), False),
     (["--sigma_small", "True"], ("sampling", "variance"), "small"),
     (["--sigma_small", "False"], ("sampling", "variance"), "large"),
     (["--ema_rate", "0.999"], ("training", "ema_rate"), 0.999),

@@ -462,8 +462,6 @@ def main(argv):
                 stop["requested"] = True
                 break
     bar.close()
-    for sig, handler in previous_handlers.items():  # the caller's again (a test, or the default)
-        signal.signal(sig, handler)
 
     plot_curves(metrics_path, os.path.join(run_dir, "loss.png"), "step", ["loss"] + QUARTERS,
                 f"{run}: training loss ({elapsed / 60:.1f} min, {step * batch_size / max(elapsed, 1e-9):.1f} img/s)")
@@ -473,6 +471,10 @@ def main(argv):
         save_class_grid(ema, cfg, class_names, written[-1], per_class=args.grid_per_class, progress=True)
     print(f"step {step} | {elapsed / 60:.1f} min of training | wrote {', '.join(written)}")
     release_run_folder(lock)
+    # only now the caller's handlers again (a test's, or the default): a repeated SIGTERM while the run plots
+    # and draws its grid must not kill it halfway
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,17 @@ from config import load_config
 
 
 def write(path, step, **extra):
-    checkpoint.save_checkpoint({"model": {"w": torch.full((3,), float(step))}, "config": {}, "step": step, **extra},
-                               str(path))
+    """A checkpoint a run can continue from (it has optimiser state), unless extra says otherwise."""
+    checkpoint.save_checkpoint({"model": {"w": torch.full((3,), float(step))}, "optimizer": {"state": {}},
+                                "config": {}, "step": step, **extra}, str(path))
+
+
+def test_newest_checkpoint_passes_over_weights_alone_which_cannot_continue_a_run(tmp_path):
+    latest, best = tmp_path / "latest.pth", tmp_path / "best.pth"
+    write(latest, 4)
+    write(best, 6, optimizer=None)  # train_ddp's best model: model and EMA weights only
+    assert checkpoint.newest_checkpoint([str(latest), str(best)]) == (str(latest), 4)
+    assert checkpoint.newest_checkpoint([str(best)]) == (None, 0)
 
 
 def test_newest_checkpoint_goes_by_the_step_stored_in_it_not_the_file_time(tmp_path):
@@ -47,7 +56,7 @@ def test_when_no_checkpoint_can_be_read_resuming_is_refused_not_started_afresh(t
 
 def test_a_checkpoint_that_cannot_be_memory_mapped_is_read_the_slow_way(tmp_path):
     old_format = tmp_path / "old.pth"  # torch.save's format before zip files, which torch.load cannot mmap
-    torch.save({"model": {}, "config": {}, "step": 4}, old_format, _use_new_zipfile_serialization=False)
+    torch.save({"model": {}, "optimizer": {}, "config": {}, "step": 4}, old_format, _use_new_zipfile_serialization=False)
     assert checkpoint.newest_checkpoint([str(old_format)]) == (str(old_format), 4)
 
 

@@ -128,11 +128,13 @@ def test_without_attention_an_output_pixel_depends_only_on_its_input_patch(condi
 
 
 @pytest.mark.parametrize("conditioning", ["adaln", "token"])
-def test_dit_fits_four_images_at_fixed_t_and_noise(conditioning):
+@pytest.mark.parametrize("options", [{}, dict(skip=True, final_conv=True, stem="conv", mlp_conv=True)],
+                         ids=["plain", "every option"])
+def test_dit_fits_four_images_at_fixed_t_and_noise(conditioning, options):
     """With t, noise and label fixed the target is a fixed tensor, which either conditioning memorises to well
-    under 1% of its first loss. At t = 50 the noise is a small part of x_t, so it cannot simply be read off
-    it: without its blocks the model stays above 1%."""
-    model = tiny_dit(conditioning=conditioning, image_size=16)
+    under 1% of its first loss, with or without the convolutional options. At t = 50 the noise is a small part
+    of x_t, so it cannot simply be read off it: without its blocks the model stays above 1%."""
+    model = tiny_dit(conditioning=conditioning, image_size=16, depth=3 if options else 2, **options)
     diffusion = Diffusion(get_beta_schedule("linear", 1000))
     x0, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 3, 5, 9])
     t, noise = torch.full((4,), 50), torch.randn(4, 3, 16, 16)
@@ -421,24 +423,6 @@ def test_conv_stem_keeps_the_token_grid_and_costs_under_15_percent(image_size, p
         return counter.get_total_flops()
     plain = flops()
     assert plain < flops(stem="conv") < 1.15 * plain
-
-
-@pytest.mark.parametrize("conditioning", ["adaln", "token"])
-def test_dit_with_every_option_fits_four_images(conditioning):
-    torch.manual_seed(0)
-    model = tiny_dit(conditioning=conditioning, image_size=16, depth=3, **OPTIONS["all"])
-    diffusion = Diffusion(get_beta_schedule("linear", 1000))
-    x0, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 3, 5, 9])
-    t, noise = torch.full((4,), 50), torch.randn(4, 3, 16, 16)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(200):
-        loss = diffusion.training_losses(model, x0, y, t, noise)[0].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.01 * losses[0], (losses[0], losses[-1])
 
 
 def test_options_off_keep_the_parameter_names_of_a_dit_without_them():

@@ -80,7 +80,7 @@ test: setup try-kernels
 bench: setup kernels
 	$(PY) -m bench $(ARGS)
 
-# one command for a GPU machine, about 8 minutes: the CUDA build and tests, throughput, a preempted and resumed
+# one command for a GPU machine, at most 8.3 minutes: the CUDA build and tests, throughput, a preempted and resumed
 # torchrun, sampling time; writes outputs/gpu_check/. DRY_RUN=1: the same on a tiny model and the CPU
 gpu-check: setup
 	@echo "gpu-check: $(PY)"

@@ -12,6 +12,7 @@ at training.checkpoint_epochs, outputs/training_log.csv and training_loss.png, a
 outputs/sample_grid.png and outputs/timestep_grid_10x10.png from the EMA weights. --resume auto continues
 from whichever of those checkpoints holds the most steps and can be read (none: a fresh start).
 """
+import atexit
 import copy
 import csv
 import glob
@@ -104,14 +105,29 @@ def log(message):
         tqdm.write(message)
 
 
+def leave_process_group(status):
+    """End a distributed process with exit status status. All ranks must call it.
+
+    The barrier keeps any rank from tearing its connections down while a peer still uses them. The process then
+    leaves without the interpreter's shutdown: DDP's reducer keeps the process group alive after
+    destroy_process_group, so gloo's threads are still running while the interpreter shuts down, and one that
+    drops a tensor then aborts the process (SIGABRT, "terminate called without an active exception") after a
+    run that finished and saved. The exit handlers (the run folder locks among them) still run."""
+    dist.barrier()
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def fail_together(message):
     """Stop every rank with exit status 2, rank 0 saying why in one line. All ranks must call it."""
-    if distributed:
-        dist.barrier()  # as at the end of the run: no rank tears the group down while a peer still uses it
-        dist.destroy_process_group()
-    if master:
+    if not distributed:
         fail(message)
-    raise SystemExit(2)
+    if master:
+        print(f"error: {message}", file=sys.stderr)
+    leave_process_group(2)
 
 
 # -----------------------------------------------------------------------------
@@ -425,7 +441,4 @@ if master:
         save_timestep_grid(ema, cfg, os.path.join(out_dir, "timestep_grid_10x10.png"))
     print(f"done: step {step}, {elapsed / 60:.1f} min of training | {latest_path} | {out_dir}/")
 if distributed:
-    # the other ranks wait for rank 0's grids: a rank tearing its group down while a peer still holds the
-    # connection can abort in gloo's threads at exit
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group(0)  # the other ranks wait here for rank 0's grids

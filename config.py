@@ -104,6 +104,8 @@ def check(cfg):
              "expected prediction v or x0")
     if d["min_snr_gamma"] <= 0:
         fail(f"min_snr_gamma={d['min_snr_gamma']} must be positive")
+    if d["lognormal_std"] <= 0:
+        fail(f"diffusion.lognormal_std={d['lognormal_std']} must be positive")
     interval = cfg["sampling"]["guidance_interval"]
     if interval and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
         fail(f"sampling.guidance_interval={interval}: expected [] or [low, high] with 0 <= low < high")

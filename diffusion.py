@@ -110,7 +110,6 @@ def ddim_step(*args):
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "lognormal")
-LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2  # of log sigma, EDM's P_mean and P_std (Karras et al. 2022)
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
 
@@ -123,7 +122,7 @@ class Diffusion:
     """
 
     def __init__(self, betas, timestep_map=None, prediction="eps", loss_weighting="none", min_snr_gamma=5.0,
-                 timestep_sampling="uniform"):
+                 timestep_sampling="uniform", lognormal_mean=-1.2, lognormal_std=1.2):
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
         if prediction not in PREDICTIONS:
@@ -134,6 +133,8 @@ class Diffusion:
             raise ValueError(f"timestep_sampling={timestep_sampling!r} is not one of {', '.join(TIMESTEP_SAMPLINGS)}")
         self.prediction, self.loss_weighting, self.min_snr_gamma = prediction, loss_weighting, float(min_snr_gamma)
         self.timestep_sampling = timestep_sampling
+        # of log sigma; EDM's P_mean and P_std (Karras et al. 2022) by default
+        self.lognormal_mean, self.lognormal_std = float(lognormal_mean), float(lognormal_std)
         self.num_steps = len(betas)
         self.timestep_map = np.arange(self.num_steps) if timestep_map is None else np.asarray(timestep_map)
         alphas = 1.0 - betas
@@ -161,7 +162,8 @@ class Diffusion:
         if c["zero_terminal_snr"]:
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas, prediction=c["prediction"], loss_weighting=c["loss_weighting"],
-                   min_snr_gamma=c["min_snr_gamma"], timestep_sampling=c["timestep_sampling"])
+                   min_snr_gamma=c["min_snr_gamma"], timestep_sampling=c["timestep_sampling"], lognormal_mean=c["lognormal_mean"],
+                   lognormal_std=c["lognormal_std"])
 
     def respace(self, steps, spacing="uniform"):
         """A process over `steps` timesteps of this one, with betas that keep alpha_bar. spacing uniform: evenly
@@ -183,7 +185,7 @@ class Diffusion:
         alpha_bar = self.alpha_bar[use]
         betas = 1.0 - alpha_bar / np.append(1.0, alpha_bar[:-1])
         return Diffusion(betas, self.timestep_map[use], self.prediction, self.loss_weighting, self.min_snr_gamma,
-                         self.timestep_sampling)
+                         self.timestep_sampling, self.lognormal_mean, self.lognormal_std)
 
     def coef(self, name, t):
         """Table `name` gathered at integer timesteps t (B,), as float32 on t's device."""
@@ -225,7 +227,7 @@ class Diffusion:
 
     def sample_timesteps(self, batch, device):
         """Training timesteps (batch,). uniform: every step alike. lognormal: log sigma drawn from
-        N(LOGNORMAL_MEAN, LOGNORMAL_STD^2) and rounded to the step with the nearest log sigma, which spends the
+        N(lognormal_mean, lognormal_std^2) and rounded to the step with the nearest log sigma, which spends the
         training on the middle noise levels, where the image's content is decided, and little on the
         nearly clean and nearly pure-noise ends."""
         if self.timestep_sampling == "uniform":
@@ -233,7 +235,7 @@ class Diffusion:
         if self.num_steps == 1:
             return torch.zeros(batch, dtype=torch.long, device=device)
         table = self.coef("log_sigma", torch.arange(self.num_steps, device=device))
-        wanted = torch.randn(batch, device=device) * LOGNORMAL_STD + LOGNORMAL_MEAN
+        wanted = torch.randn(batch, device=device) * self.lognormal_std + self.lognormal_mean
         above = torch.searchsorted(table, wanted).clamp(1, self.num_steps - 1)  # table[above - 1] < wanted <= ...
         nearer_below = (wanted - table[above - 1]) < (table[above] - wanted)
         return above - nearer_below.long()

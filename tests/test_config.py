@@ -114,6 +114,7 @@ def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     ("--training.precision=fp16", "training.precision='fp16' is not one of auto, fp32, bf16"),
     ("--model.stem=resnet", "model.stem='resnet' is not one of patch, conv"),
     ("--diffusion.timestep_sampling=logit", "diffusion.timestep_sampling='logit' is not one of uniform, lognormal"),
+    ("--diffusion.lognormal_std=0", "diffusion.lognormal_std=0.0 must be positive"),
 ])
 def test_a_bad_choice_is_a_one_line_error(capsys, arg, expected):
     assert expected in one_line_error(capsys, [arg])

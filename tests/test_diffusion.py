@@ -519,19 +519,23 @@ def test_lognormal_timesteps_are_the_steps_nearest_each_drawn_noise_level(schedu
     assert t.min() >= 0 and t.max() < steps
 
 
-def test_lognormal_timesteps_have_edms_noise_levels_where_the_schedule_reaches():
-    """On the linear schedule log sigma spans about -4.6 to 5.1, so EDM's N(-1.2, 1.2^2) lies inside it and the
-    drawn steps' log sigma has its mean and spread; half the draws fall below sigma = exp(-1.2)."""
-    d = Diffusion(get_beta_schedule("linear", T), timestep_sampling="lognormal")
+@pytest.mark.parametrize("mean, std", [(-1.2, 1.2), (0.0, 1.2), (1.0, 0.8), (-2.5, 0.5)])
+def test_lognormal_timesteps_have_the_asked_noise_levels_where_the_schedule_reaches(mean, std):
+    """On the linear schedule log sigma spans about -4.6 to 5.1, so each N(mean, std^2) here lies inside it and
+    the drawn steps' log sigma has its mean and spread; half the draws fall below sigma = exp(mean)."""
+    d = Diffusion(get_beta_schedule("linear", T), timestep_sampling="lognormal", lognormal_mean=mean,
+                  lognormal_std=std)
     t = d.sample_timesteps(50000, torch.device("cpu"))
     log_sigma = torch.as_tensor(0.5 * np.log((1 - d.alpha_bar) / d.alpha_bar))[t]
-    assert abs(log_sigma.mean().item() - -1.2) < 0.03
-    assert abs(log_sigma.std().item() - 1.2) < 0.03
-    assert abs((log_sigma < -1.2).double().mean().item() - 0.5) < 0.01
+    assert abs(log_sigma.mean().item() - mean) < 0.03
+    assert abs(log_sigma.std().item() - std) < 0.03
+    assert abs((log_sigma < mean).double().mean().item() - 0.5) < 0.01
 
 
 def test_a_respaced_process_keeps_its_timestep_sampling():
-    d = Diffusion(get_beta_schedule("linear", T), timestep_sampling="lognormal")
-    assert d.respace(50).timestep_sampling == "lognormal"
+    d = Diffusion(get_beta_schedule("linear", T), timestep_sampling="lognormal", lognormal_mean=0.5,
+                  lognormal_std=0.7)
+    respaced = d.respace(50)
+    assert (respaced.timestep_sampling, respaced.lognormal_mean, respaced.lognormal_std) == ("lognormal", 0.5, 0.7)
     with pytest.raises(ValueError, match="timestep_sampling='beta'"):
         Diffusion(get_beta_schedule("linear", T), timestep_sampling="beta")

@@ -137,6 +137,7 @@ class Diffusion:
         self.lognormal_mean, self.lognormal_std = float(lognormal_mean), float(lognormal_std)
         self.num_steps = len(betas)
         self.timestep_map = np.arange(self.num_steps) if timestep_map is None else np.asarray(timestep_map)
+        self.respaced_from = None  # (process, spacing) for a process made by respace()
         alphas = 1.0 - betas
         alpha_bar = np.cumprod(alphas)
         alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
@@ -184,8 +185,27 @@ class Diffusion:
             raise ValueError(f"spacing={spacing!r} is not one of uniform, logsnr")
         alpha_bar = self.alpha_bar[use]
         betas = 1.0 - alpha_bar / np.append(1.0, alpha_bar[:-1])
-        return Diffusion(betas, self.timestep_map[use], self.prediction, self.loss_weighting, self.min_snr_gamma,
-                         self.timestep_sampling, self.lognormal_mean, self.lognormal_std)
+        process = Diffusion(betas, self.timestep_map[use], self.prediction, self.loss_weighting, self.min_snr_gamma,
+                            self.timestep_sampling, self.lognormal_mean, self.lognormal_std)
+        process.respaced_from = (self, spacing)
+        return process
+
+    def for_sampler(self, sampler, steps=None):
+        """The process that sampler steps through, steps long (default: as long as this one). The grid is the
+        sampler's: DPM-Solver++ steps evenly in log-SNR, since evenly in t its second-order step overshoots on
+        the linear schedule, where the last steps span most of the log-SNR range; DDPM and DDIM step evenly in
+        t. A process respaced on another grid is respaced again from the one it came from, so
+        respace(20).sample(sampler="dpm++2m") runs on DPM-Solver++'s grid."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}")
+        spacing = "logsnr" if sampler == "dpm++2m" else "uniform"
+        steps = steps or self.num_steps
+        if self.respaced_from is None:
+            return self.respace(steps, spacing)
+        source, source_spacing = self.respaced_from
+        if steps == self.num_steps and source_spacing == spacing:
+            return self
+        return source.for_sampler(sampler, steps)
 
     def coef(self, name, t):
         """Table `name` gathered at integer timesteps t (B,), as float32 on t's device."""
@@ -309,17 +329,20 @@ class Diffusion:
         return coef_x, coef_x0, mix
 
     @torch.no_grad()
-    def sample(self, model, shape, y, sampler="ddpm", eta=0.0, guidance_scale=1.0, clip_denoised=True,
+    def sample(self, model, shape, y, sampler="ddpm", steps=None, eta=0.0, guidance_scale=1.0, clip_denoised=True,
                null_class=None, generator=None, callback=None, progress=False, guidance_interval=(),
                variance="small"):
-        """Draw x_0 from pure noise. callback(i, x) sees the current x after each of the steps (i counts up
-        from 0), which is how the timestep grids record the reverse process. variance is DDPM's: small, the
-        posterior's (Ho et al.'s fixed small), or large, beta_t (their fixed large, which keeps more of the
-        spread when the process is respaced to few steps)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}")
+        """Draw x_0 from pure noise in steps steps (default: this process's length) on the sampler's grid
+        (for_sampler). callback(i, x) sees the current x after each of the steps (i counts up from 0), which
+        is how the timestep grids record the reverse process. variance is DDPM's: small, the posterior's (Ho et
+        al.'s fixed small), or large, beta_t (their fixed large, which keeps more of the spread when the
+        process is respaced to few steps)."""
         if variance not in ("small", "large"):
             raise ValueError(f"variance={variance!r} is not one of small, large")
+        process = self.for_sampler(sampler, steps)
+        if process is not self:
+            return process.sample(model, shape, y, sampler, None, eta, guidance_scale, clip_denoised, null_class,
+                                  generator, callback, progress, guidance_interval, variance)
         device = y.device
         x = torch.randn(shape, device=device, generator=generator)
         steps = range(self.num_steps - 1, -1, -1)

@@ -34,7 +34,7 @@ import torch
 
 from config import ArgumentParser, fail, load_config
 from diffusion import SAMPLERS
-from sample import parse_guidance_interval
+from sample import parse_guidance_interval, sampling_options
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # also distributed as pt_inception-2015-12-05-6726825d.pth
 EXTRACTOR = "inception-v3-compat"
@@ -193,15 +193,13 @@ def draw_samples(checkpoint, args, samples_path):
     labels = torch.arange(args.num_samples, device=args.device) % cfg["model"]["num_classes"]
     s = cfg["sampling"]
     seed = s["seed"] if args.seed is None else args.seed
-    options = dict(sampler=args.sampler or s["sampler"], steps=args.steps or s["steps"],
-                   eta=s["eta"] if args.eta is None else args.eta, variance=args.variance or s["variance"],
-                   guidance_scale=s["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
-                   guidance_interval=s["guidance_interval"] if args.guidance_interval is None else args.guidance_interval,
-                   precision=args.precision or s["precision"], compile=args.compile or s["compile"])
+    options = sampling_options(cfg, sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
+                               guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
+                               precision=args.precision, compile=args.compile or None, batch_size=args.batch_size)
     generator = torch.Generator(args.device).manual_seed(seed)
     torch.manual_seed(seed)
     started = time.time()
-    write_samples_npz(samples_path, model, cfg, labels, batch_size=args.batch_size, generator=generator, **options)
+    write_samples_npz(samples_path, model, cfg, labels, generator=generator, **options)
     seconds = time.time() - started
     images, labels = read_samples(samples_path)
     info = {"checkpoint": checkpoint, "samples": samples_path, "epoch": state.get("epoch"), "step": state.get("step"),

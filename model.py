@@ -3,13 +3,45 @@ The two noise predictors: a Diffusion Transformer (DiT) with grouped-query atten
 improved-diffusion-style UNet for the CPU recipe. Both map (x_t, t, y) -> predicted noise, shaped like x_t,
 and both reserve class index num_classes as the "null" class of classifier-free guidance.
 """
+import functools
 import math
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import csrc
+
+# -----------------------------------------------------------------------------
+# precision: the one choice of autocast dtype, for training and sampling alike
+
+
+def autocast_dtype_for(precision, device):
+    """training.precision or sampling.precision as an autocast dtype, None for fp32. auto is bf16 on CUDA, and on
+    a CPU only where bf16 matmuls outrun fp32 ones: on a CPU with AMX a bf16 step is several times faster, on one
+    without native bf16 many times slower (BENCHMARKS.md), so a short matmul race decides. The race's ratio
+    depends on the matmul's size, hence 512^3 and a threshold well inside the gap between the two kinds of CPU.
+    A resumed run decides again."""
+    if precision == "auto" and device.type == "cpu":
+        return torch.bfloat16 if bf16_matmul_speedup() >= 1.2 else None
+    return torch.bfloat16 if precision in ("auto", "bf16") else None
+
+
+@functools.cache  # once a process: every grid and every evaluated cell asks again
+def bf16_matmul_speedup(n=512, repeats=5):
+    """fp32 time over bf16 time of an n^3 matmul on the CPU, each the best of interleaved runs (the slow first
+    ones, where oneDNN compiles its kernels, lose to the later ones)."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))  # not the global generator: resumes stay exact
+    operands = [(a, a), (a.bfloat16(), a.bfloat16())]
+    best = [float("inf")] * 2
+    for _ in range(repeats):
+        for i, (x, y) in enumerate(operands):
+            start = time.perf_counter()
+            x @ y
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0] / best[1]
+
 
 # -----------------------------------------------------------------------------
 # attention: the one call site of the fused kernel; csrc.attention_path chooses (DIT_ATTENTION)

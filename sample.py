@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoint import model_from_checkpoint
 from config import ArgumentParser, fail, load_config
+from csrc import KERNELS_PATH
 from data import save_grid, to_uint8
 from diffusion import SAMPLERS, Diffusion
-from train_cpu import autocast_dtype_for
+from model import autocast_dtype_for
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -36,46 +38,46 @@ def unconditional(cfg):
     return cfg["model"]["class_dropout"] >= 1
 
 
-def spacing_for(sampler):
-    """DPM-Solver++ steps evenly in log-SNR: evenly in t its second-order step overshoots on the linear
-    schedule, where the last steps span most of the log-SNR range (tests/test_diffusion.py measures it)."""
-    return "logsnr" if sampler == "dpm++2m" else "uniform"
+SAMPLING_OPTIONS = ("sampler", "steps", "eta", "guidance_scale", "guidance_interval", "variance", "batch_size",
+                    "precision", "compile")
 
 
-def sample_images(model, cfg, labels, sampler=None, steps=None, eta=None, guidance_scale=None, batch_size=None,
-                  generator=None, callback=None, progress=False, guidance_interval=None, variance=None,
-                  precision=None, compile=None):
-    """Images in [-1, 1] for the given labels (N,), drawn in batches; unset arguments come from
-    cfg["sampling"]. callback(i, x, batch_index) sees each reverse step of each batch. An unconditional model
-    is given the null class, the only one it was trained on, and no guidance (there is nothing to guide to)."""
+def sampling_options(cfg, **given):
+    """The sampling options in force, as a dict of SAMPLING_OPTIONS: each one given (and not None) wins over
+    cfg["sampling"]'s. The one place they are resolved, for the grids, the sample files and evaluate.py."""
+    unknown = sorted(set(given) - set(SAMPLING_OPTIONS))
+    if unknown:
+        raise TypeError(f"not sampling options: {', '.join(unknown)}")
     s = cfg["sampling"]
+    return {name: s[name] if given.get(name) is None else given[name] for name in SAMPLING_OPTIONS}
+
+
+def sample_images(model, cfg, labels, generator=None, callback=None, progress=False, **options):
+    """Images in [-1, 1] for the given labels (N,), drawn in batches; options are sampling_options's, the unset
+    ones from cfg["sampling"]. callback(i, x, batch_index) sees each reverse step of each batch. An
+    unconditional model is given the null class, the only one it was trained on, and no guidance (there is
+    nothing to guide to)."""
+    o = sampling_options(cfg, **options)
     m = cfg["model"]
     if unconditional(cfg):
-        labels, guidance_scale = torch.full_like(labels, m["num_classes"]), 1.0
-    sampler = sampler or s["sampler"]
-    steps = steps or s["steps"]
-    eta = s["eta"] if eta is None else eta
-    guidance_scale = s["guidance_scale"] if guidance_scale is None else guidance_scale
-    guidance_interval = s["guidance_interval"] if guidance_interval is None else guidance_interval
-    variance = variance or s["variance"]
-    batch_size = batch_size or s["batch_size"]
+        labels, o["guidance_scale"] = torch.full_like(labels, m["num_classes"]), 1.0
     device = labels.device
     # autocast reaches only the model's matmuls and convolutions, whose outputs the sampler casts back to fp32
-    autocast_dtype = autocast_dtype_for(precision or s["precision"], device)
-    if s["compile"] if compile is None else compile:
+    autocast_dtype = autocast_dtype_for(o["precision"], device)
+    if o["compile"]:
         model = torch.compile(model)
-    diffusion = Diffusion.from_config(cfg["diffusion"]).respace(steps, spacing_for(sampler))
+    diffusion = Diffusion.from_config(cfg["diffusion"]).for_sampler(o["sampler"], o["steps"])
     shape = (m["image_channels"], m["image_size"], m["image_size"])
     out = []
-    batches = range(0, len(labels), batch_size)
+    batches = range(0, len(labels), o["batch_size"])
     for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
-        y = labels[start:start + batch_size]
+        y = labels[start:start + o["batch_size"]]
         step_callback = None if callback is None else (lambda i, x, b=b: callback(i, x, b))
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            out.append(diffusion.sample(model, (len(y),) + shape, y, sampler=sampler, eta=eta,
-                                        guidance_scale=guidance_scale, clip_denoised=s["clip_denoised"],
+            out.append(diffusion.sample(model, (len(y),) + shape, y, sampler=o["sampler"], eta=o["eta"],
+                                        guidance_scale=o["guidance_scale"], clip_denoised=cfg["sampling"]["clip_denoised"],
                                         null_class=m["num_classes"], generator=generator, callback=step_callback,
-                                        guidance_interval=guidance_interval, variance=variance))
+                                        guidance_interval=o["guidance_interval"], variance=o["variance"]))
     return torch.cat(out) if out else torch.empty((0,) + shape)
 
 
@@ -88,7 +90,7 @@ def save_class_grid(model, cfg, class_names, path, classes=None, per_class=10, g
     classes = list(range(len(class_names))) if classes is None else classes
     labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
     images = sample_images(model, cfg, labels, generator=generator, progress=progress, **options)
-    chosen = {**cfg["sampling"], **{k: v for k, v in options.items() if v is not None}}
+    chosen = sampling_options(cfg, **options)
     eta = f", eta {chosen['eta']:g}" if chosen["sampler"] == "ddim" and chosen["eta"] else ""
     interval = chosen["guidance_interval"]
     interval = f" for sigma in ({interval[0]:g}, {interval[1]:g}]" if interval and chosen["guidance_scale"] != 1 else ""
@@ -100,16 +102,14 @@ def save_class_grid(model, cfg, class_names, path, classes=None, per_class=10, g
     return images
 
 
-def save_timestep_grid(model, cfg, path, num_samples=10, num_snapshots=10, generator=None, **kwargs):
+def save_timestep_grid(model, cfg, path, num_samples=10, num_snapshots=10, generator=None, **options):
     """num_samples rows, each showing num_snapshots evenly spaced states of its reverse process, ending at
-    the final image. Labels cycle through the classes."""
+    the final image. Labels cycle through the classes. options are sampling_options's."""
     device = next(model.parameters()).device
     labels = torch.arange(num_samples, device=device) % cfg["model"]["num_classes"]
-    steps = kwargs.pop("steps", None) or cfg["sampling"]["steps"]
-    kwargs.pop("batch_size", None)  # one batch of num_samples, so the snapshots line up
-    steps = min(steps, cfg["diffusion"]["num_steps"])
-    sampler = kwargs.get("sampler") or cfg["sampling"]["sampler"]
-    num_steps = len(Diffusion.from_config(cfg["diffusion"]).respace(steps, spacing_for(sampler)).timestep_map)
+    o = sampling_options(cfg, **options)
+    o["batch_size"] = num_samples  # one batch, so the snapshots line up
+    num_steps = Diffusion.from_config(cfg["diffusion"]).for_sampler(o["sampler"], o["steps"]).num_steps
     keep = set(np.linspace(0, num_steps - 1, num_snapshots).round().astype(int).tolist())
     snapshots = []
 
@@ -117,8 +117,7 @@ def save_timestep_grid(model, cfg, path, num_samples=10, num_snapshots=10, gener
         if i in keep:
             snapshots.append(to_uint8(x).cpu())
 
-    sample_images(model, cfg, labels, steps=steps, batch_size=num_samples, generator=generator, callback=record,
-                  **kwargs)
+    sample_images(model, cfg, labels, generator=generator, callback=record, **o)
     grid = torch.stack(snapshots, dim=1).flatten(0, 1)  # (samples * snapshots, C, H, W), row per sample
     save_grid(grid, path, nrow=len(snapshots), title="reverse process, noise (left) to image (right)")
 
@@ -245,8 +244,6 @@ def main(argv=None):
     if args.num_samples < 0 or (args.num_samples and not args.out) or (args.out and args.num_samples < 1):
         fail(f"--num_samples={args.num_samples}: expected a positive count together with --out")
 
-    from checkpoint import model_from_checkpoint
-    from csrc import KERNELS_PATH
     model, cfg, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, map_location=args.device)
     cfg = load_config(overrides, args.config, base=cfg, sections=("sampling",))
     seed = cfg["sampling"]["seed"] if args.seed is None else args.seed

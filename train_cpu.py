@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import copy
 import csv
-import functools
 import math
 import os
 import signal
@@ -30,7 +29,14 @@ import time
 import torch
 from tqdm import tqdm
 
+from checkpoint import (RunFolderTaken, claim_run_folder, load_checkpoint, release_run_folder, rng_state,
+                        save_checkpoint, set_rng_state)
 from config import ArgumentParser, fail, load_config, read_yaml
+from csrc import KERNELS_PATH
+from data import load_cifar10, plot_curves, random_batches, to_model_range
+from diffusion import Diffusion
+from model import autocast_dtype_for, build_model, model_summary, update_ema
+from sample import save_class_grid
 
 # -----------------------------------------------------------------------------
 # the training step, shared with train_ddp.py
@@ -102,32 +108,6 @@ def compile_or_eager(model, diffusion, x, y, autocast_dtype):
         forward = uncompiled
     model.zero_grad(set_to_none=True)
     return forward
-
-
-def autocast_dtype_for(precision, device):
-    """training.precision as an autocast dtype, None for fp32. auto is bf16 on CUDA, and on a CPU only where
-    bf16 matmuls outrun fp32 ones: whole training steps ran 2.4 to 2.9x faster in bf16 on a Xeon with AMX, and
-    8 to 13x slower on a Zen 3 without native bf16 (BENCHMARKS.md), so a short matmul race decides. Its ratio
-    depends on the size (on that Xeon, 2 threads: 1.5x at 256^3, 4x at 384^3, 1.8x at 512^3 and 768^3, against
-    under 0.05x on the Zen 3), hence 512 and a threshold well inside the gap. A resumed run decides again."""
-    if precision == "auto" and device.type == "cpu":
-        return torch.bfloat16 if bf16_matmul_speedup() >= 1.2 else None
-    return torch.bfloat16 if precision in ("auto", "bf16") else None
-
-
-@functools.cache  # once a process: every grid and every evaluated cell asks again
-def bf16_matmul_speedup(n=512, repeats=5):
-    """fp32 time over bf16 time of an n^3 matmul on the CPU, each the best of interleaved runs (the slow first
-    ones, where oneDNN compiles its kernels, lose to the later ones)."""
-    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))  # not the global generator: resumes stay exact
-    operands = [(a, a), (a.bfloat16(), a.bfloat16())]
-    best = [float("inf")] * 2
-    for _ in range(repeats):
-        for i, (x, y) in enumerate(operands):
-            start = time.perf_counter()
-            x @ y
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0] / best[1]
 
 
 def restart_metrics(path, columns, step=None):
@@ -309,13 +289,6 @@ def build_config(args, overrides, base=None):
 
 def main(argv):
     args, overrides = parse_args(argv)
-    from checkpoint import (RunFolderTaken, claim_run_folder, load_checkpoint, release_run_folder, rng_state,
-                            save_checkpoint, set_rng_state)
-    from csrc import KERNELS_PATH
-    from data import load_cifar10, plot_curves, random_batches, to_model_range
-    from diffusion import Diffusion
-    from model import build_model, model_summary, update_ema
-    from sample import save_class_grid
 
     resumed = load_checkpoint(args.resume) if args.resume else None
     cfg = build_config(args, overrides, base=resumed["config"] if resumed else None)

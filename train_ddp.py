@@ -33,10 +33,9 @@ from config import fail, load_config
 from csrc import KERNELS_PATH
 from data import load_cifar10, plot_curves, random_batches, to_model_range
 from diffusion import Diffusion
-from model import build_model, model_summary, update_ema
+from model import autocast_dtype_for, build_model, model_summary, update_ema
 from sample import save_class_grid, save_timestep_grid
-from train_cpu import (autocast_dtype_for, compile_or_eager, ema_rate_at, lr_at, make_optimizer, restart_metrics,
-                       train_step)
+from train_cpu import compile_or_eager, ema_rate_at, lr_at, make_optimizer, restart_metrics, train_step
 
 # -----------------------------------------------------------------------------
 # command line: --resume PATH|auto, --overwrite, the rest is configuration

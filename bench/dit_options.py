@@ -21,8 +21,8 @@ from bench.common import cpu_name, race  # noqa: E402
 from bench.cpu_recipe import forward_flops  # noqa: E402
 from config import ArgumentParser, fail, load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
-from model import build_model  # noqa: E402
-from train_cpu import autocast_dtype_for, make_optimizer, train_step  # noqa: E402
+from model import autocast_dtype_for, build_model  # noqa: E402
+from train_cpu import make_optimizer, train_step  # noqa: E402
 
 RECIPE = ["--config", os.path.join(ROOT, "configs", "cpu_dit_2h.yaml")]
 ALL = ["--model.skip=true", "--model.final_conv=true", "--model.stem=conv", "--model.mlp_conv=true"]

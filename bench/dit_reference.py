@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import cpu_name, race  # noqa: E402
 from bench.cpu_recipe import our_step  # noqa: E402
 from config import ArgumentParser, fail, load_config  # noqa: E402
-from train_cpu import autocast_dtype_for  # noqa: E402
+from model import autocast_dtype_for  # noqa: E402
 
 # what both sides run; a command line's overrides come after, so they may change it
 SAME_ARCHITECTURE = ["--model.name=dit", "--model.conditioning=adaln", "--model.pos_embed=sincos",

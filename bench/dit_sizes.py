@@ -19,8 +19,7 @@ sys.path.insert(0, ROOT)
 from bench.common import cpu_name, race  # noqa: E402
 from bench.cpu_recipe import our_step  # noqa: E402
 from config import ArgumentParser, fail, load_config  # noqa: E402
-from model import build_model  # noqa: E402
-from train_cpu import autocast_dtype_for  # noqa: E402
+from model import autocast_dtype_for, build_model  # noqa: E402
 
 UNET_RECIPE = ["--config", os.path.join(ROOT, "configs", "cpu_2h.yaml")]
 # the recipe's objective and training keys, with the model swapped for a DiT of the given shape

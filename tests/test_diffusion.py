@@ -291,10 +291,8 @@ def gaussian_model(d, m=M, s=S):
 
 
 def draw(d, steps, sampler, n, seed=0, shape=(3, 4, 4), **kwargs):
-    spacing = "logsnr" if sampler == "dpm++2m" else "uniform"
-    return d.respace(steps, spacing).sample(gaussian_model(d), (n,) + shape, torch.zeros(n, dtype=torch.long),
-                                            sampler=sampler, clip_denoised=False,
-                                            generator=torch.Generator().manual_seed(seed), **kwargs)
+    return d.sample(gaussian_model(d), (n,) + shape, torch.zeros(n, dtype=torch.long), sampler=sampler, steps=steps,
+                    clip_denoised=False, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -314,6 +312,27 @@ def test_deterministic_samplers_follow_the_exact_probability_flow(prediction, sc
     out = draw(d, steps, sampler, n, eta=0.0)
     assert (out - exact).pow(2).mean().sqrt().item() < rms
     assert out.std().item() == pytest.approx(exact.std().item(), rel=0.01)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "ddim"])
+def test_the_obvious_call_samples_on_the_samplers_own_grid(sampler):
+    """respace(20).sample(sampler=...) and sample(steps=20) both run on the sampler's grid (DPM-Solver++ evenly
+    in log-SNR): on the linear schedule, DPM-Solver++ evenly in t overshoots and spreads N(m, s^2) data wider."""
+    d = process("linear")
+    n = 4000
+    x_T = dict(generator=torch.Generator().manual_seed(3))
+    shape, y = (n, 3, 4, 4), torch.zeros(n, dtype=torch.long)
+    respaced = d.respace(20).sample(gaussian_model(d), shape, y, sampler=sampler, clip_denoised=False, **x_T)
+    x_T = dict(generator=torch.Generator().manual_seed(3))
+    direct = d.sample(gaussian_model(d), shape, y, sampler=sampler, steps=20, clip_denoised=False, **x_T)
+    assert torch.equal(respaced, direct)
+    if sampler == "dpm++2m":  # DDIM's 20 steps fall short of the spread on either grid
+        assert respaced.std().item() == pytest.approx(S, rel=0.03)
+        assert respaced.mean().item() == pytest.approx(M, abs=0.01)
+    grid = d.respace(20).for_sampler(sampler)
+    assert grid.respaced_from == (d, "logsnr" if sampler == "dpm++2m" else "uniform") and grid.num_steps <= 20
+    on_grid = d.for_sampler(sampler, 20)
+    assert on_grid.for_sampler(sampler) is on_grid  # already on the sampler's grid: kept
 
 
 def test_ddpm_marginals_follow_the_forward_process():

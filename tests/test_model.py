@@ -465,3 +465,33 @@ def test_unet_attention_hands_attention_the_head_dimension_innermost_and_compute
     q, k, v = qkv.view(B, 3, heads, C // heads, H * W).transpose(-2, -1).unbind(1)
     expected = x + block.proj(attention_reference(q, k, v).transpose(-2, -1).reshape(B, C, H * W)).view(B, C, H, W)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_precision_auto_follows_the_bf16_matmul_race(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model_module.autocast_dtype_for("fp32", cpu) is None
+    assert model_module.autocast_dtype_for("fp32", cuda) is None
+    assert model_module.autocast_dtype_for("bf16", cpu) is torch.bfloat16
+    assert model_module.autocast_dtype_for("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(model_module, "bf16_matmul_speedup", lambda: 2.5)  # a CPU with AMX
+    assert model_module.autocast_dtype_for("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(model_module, "bf16_matmul_speedup", lambda: 0.08)  # one without native bf16
+    assert model_module.autocast_dtype_for("auto", cpu) is None
+
+
+def test_bf16_matmul_speedup_is_the_best_fp32_time_over_the_best_bf16_time(monkeypatch):
+    ratio = model_module.bf16_matmul_speedup.__wrapped__(n=64, repeats=2)  # the real race (not the cached one)
+    assert 0 < ratio < float("inf")
+    # a fake clock that a fake matmul moves on by a known time for each dtype, the first run of each slow
+    # (oneDNN compiling its kernels): best 2.0 s in fp32 and 0.5 s in bf16, a speedup of 4
+    clock = [0.0]
+    seconds = {torch.float32: [5.0, 2.0, 3.0], torch.bfloat16: [4.0, 0.5, 0.8]}
+
+    def matmul(x, y):
+        clock[0] += seconds[x.dtype].pop(0)
+        return x
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    monkeypatch.setattr(model_module.time, "perf_counter", lambda: clock[0])
+    assert model_module.bf16_matmul_speedup.__wrapped__(n=8, repeats=3) == 4.0
+    assert seconds == {torch.float32: [], torch.bfloat16: []}  # three runs of each

@@ -139,36 +139,6 @@ def test_a_failed_compile_says_so_in_one_line_and_trains_as_eager_would(tmp_path
                                    torch.load(tmp_path / "fallback" / "checkpoint.pth", weights_only=False))
 
 
-def test_precision_auto_follows_the_bf16_matmul_race(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train_cpu.autocast_dtype_for("fp32", cpu) is None
-    assert train_cpu.autocast_dtype_for("fp32", cuda) is None
-    assert train_cpu.autocast_dtype_for("bf16", cpu) is torch.bfloat16
-    assert train_cpu.autocast_dtype_for("auto", cuda) is torch.bfloat16
-    monkeypatch.setattr(train_cpu, "bf16_matmul_speedup", lambda: 2.5)  # a CPU with AMX
-    assert train_cpu.autocast_dtype_for("auto", cpu) is torch.bfloat16
-    monkeypatch.setattr(train_cpu, "bf16_matmul_speedup", lambda: 0.08)  # one without native bf16
-    assert train_cpu.autocast_dtype_for("auto", cpu) is None
-
-
-def test_bf16_matmul_speedup_is_the_best_fp32_time_over_the_best_bf16_time(monkeypatch):
-    ratio = train_cpu.bf16_matmul_speedup.__wrapped__(n=64, repeats=2)  # the real race (not the cached one)
-    assert 0 < ratio < float("inf")
-    # a fake clock that a fake matmul moves on by a known time for each dtype, the first run of each slow
-    # (oneDNN compiling its kernels): best 2.0 s in fp32 and 0.5 s in bf16, a speedup of 4
-    clock = [0.0]
-    seconds = {torch.float32: [5.0, 2.0, 3.0], torch.bfloat16: [4.0, 0.5, 0.8]}
-
-    def matmul(x, y):
-        clock[0] += seconds[x.dtype].pop(0)
-        return x
-
-    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
-    monkeypatch.setattr(train_cpu.time, "perf_counter", lambda: clock[0])
-    assert train_cpu.bf16_matmul_speedup.__wrapped__(n=8, repeats=3) == 4.0
-    assert seconds == {torch.float32: [], torch.bfloat16: []}  # three runs of each
-
-
 def test_bf16_flag_trains_in_bf16(tmp_path, synthetic_data, capsys):
     main(["--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
           "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--max_steps", "2",

@@ -25,8 +25,8 @@ from config import fail
 CLASSIFIER_PATH = "model/cifar10_classifier.pth"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel statistics of the training set
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-# widths of the stem and the three blocks and the number of epochs: on two CPU cores narrow enough to
-# pass 85% test accuracy well inside an hour; on a GPU the speed-runs' widths, for 93% in minutes
+# widths of the stem and the three blocks and the number of epochs: on two CPU cores narrow enough to train
+# in well under an hour to an accuracy that tells samples apart (RESULTS.md); on a GPU the speed-runs' widths
 WIDTHS = {"cpu": (24, 48, 96, 192), "cuda": (64, 128, 256, 512)}
 EPOCHS = {"cpu": 10, "cuda": 16}
 RECIPE = {"batch_size": 256, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "label_smoothing": 0.2,

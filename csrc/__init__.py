@@ -21,7 +21,7 @@ import torch
 KERNELS = os.environ.get("DIT_KERNELS", "auto")
 ATTENTION = os.environ.get("DIT_ATTENTION", "auto")
 # device kinds where the fused attention beat SDPA at the model's shapes (BENCHMARKS.md, python -m bench kernels):
-# on CPU it does (1.1x to 1.6x, forward and backward); on CUDA the hand-written kernel (scalar fp32 on 16x16
+# on CPU it does, forward and backward; on CUDA the hand-written kernel (scalar fp32 on 16x16
 # tiles) has not been measured faster than SDPA's flash and cuDNN kernels, so auto leaves CUDA to SDPA
 FUSED_ATTENTION_WINS = {"cpu"}
 OPS = ("attention_forward", "attention_backward", "q_sample", "ddpm_step", "ddim_step")

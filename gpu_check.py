@@ -45,8 +45,8 @@ REAL = dict(budgets={"build": 150, "cuda_tests": 60, "throughput": 150, "resume"
             total_steps=200, steps_per_epoch=50, samples=10_000, sample_batch=1000)
 # the dry run compiles nothing: make test builds the kernels, and rebuilding in place here could replace a
 # library that running jobs have loaded. torch.compile traces with aot_eager: dynamo, the fake kernels and AOT
-# autograd all run, without minutes of C++ code generation on a CPU. It takes about a minute on 2 idle cores;
-# its budgets are caps for a hang, wide because a CPU shared with training runs can make it five times slower
+# autograd all run, without minutes of C++ code generation on a CPU. Its budgets are caps for a hang, wide
+# because a CPU shared with training runs makes it several times slower
 DRY = dict(budgets={"build": 120, "cuda_tests": 240, "throughput": 240, "resume": 300, "sampling": 180},
            model=TINY, model_name="a tiny DiT", batches=(4, 8), matmul_n=256, timed_steps=2,
            compile_backend="aot_eager", compile_guess_s=10, build=["--name"], train_batch=8,
@@ -233,7 +233,7 @@ def stage_throughput(plan, out, deadline):
 
 
 def time_training_step(plan, cfg, device, batch, compiled, attention):
-    """ms per training step (train_cpu.train_step, as train_ddp.py runs it) of a fresh model; or a note."""
+    """ms per training step (train_ddp.train_step) of a fresh model; or a note."""
     import torch
 
     import csrc

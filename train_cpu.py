@@ -14,10 +14,9 @@ Besides: --model dit (the DiT of config.yaml), --max_steps, --resume and any con
 --section.key=value. A run writes everything to outputs/<run>/: metrics.csv (a row every save_interval
 steps), checkpoint.pth (atomic), loss.png and samples.png at the end or on Ctrl-C.
 
-train_ddp.py imports lr_at and train_step from here: one definition of a training step.
+The training step, its schedules and the metrics file are train_ddp.py's: one definition of each.
 """
 import argparse
-import contextlib
 import copy
 import csv
 import math
@@ -37,99 +36,8 @@ from data import load_cifar10, plot_curves, random_batches, to_model_range
 from diffusion import Diffusion
 from model import autocast_dtype_for, build_model, model_summary, update_ema
 from sample import save_class_grid
-
-# -----------------------------------------------------------------------------
-# the training step, shared with train_ddp.py
-
-QUARTERS = ["q0", "q1", "q2", "q3"]  # loss by quarter of the timestep range, q0 the least noisy
-
-
-def lr_at(step, training_cfg):
-    """Linear warm-up to learning_rate over warmup_steps, then constant (as improved-diffusion and DiT)."""
-    warmup = training_cfg["warmup_steps"]
-    return training_cfg["learning_rate"] * min(1.0, (step + 1) / warmup) if warmup > 0 else training_cfg["learning_rate"]
-
-
-def train_step(model, diffusion, optimizer, x, y, microbatch=0, grad_clip=0.0, autocast_dtype=None, no_sync=None):
-    """One optimiser step on the batch (x, y). With microbatch > 0 the batch is split into chunks whose
-    gradients add up to exactly the full-batch mean gradient (each chunk's mean loss is weighted by its
-    share of the batch). t and noise are drawn for the whole batch first, so splitting changes nothing.
-    no_sync, when given (DDP), is a context for all chunks but the last, so gradients are reduced once.
-    Returns (per-sample losses (B,), timesteps (B,), grad norm before clipping)."""
-    B = x.shape[0]
-    t = diffusion.sample_timesteps(B, x.device)
-    noise = torch.randn_like(x)
-    chunk = microbatch if 0 < microbatch < B else B
-    losses = []
-    optimizer.zero_grad(set_to_none=True)
-    for start in range(0, B, chunk):
-        part = slice(start, start + chunk)
-        last = start + chunk >= B
-        context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-        with context, torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                     enabled=autocast_dtype is not None):
-            loss, _ = diffusion.training_losses(model, x[part], y[part], t[part], noise[part])
-            (loss.mean() * (loss.shape[0] / B)).backward()
-        losses.append(loss.detach())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    if optimizer.defaults.get("fused"):  # make_optimizer's
-        # a non-finite gradient skips the step on the device, without the host waiting to look at it: the fused
-        # AdamW leaves weights and state untouched where found_inf is 1 (GradScaler's mechanism)
-        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
-        optimizer.step()
-        del optimizer.found_inf
-    elif torch.isfinite(grad_norm):
-        optimizer.step()
-    return torch.cat(losses), t, grad_norm
-
-
-def make_optimizer(model, lr, weight_decay=0.0):
-    """AdamW with its fused kernel: one pass over all parameters instead of a dozen small ops on each,
-    a third of the optimiser's time on CPU (where PyTorch would otherwise pick the per-parameter loop)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-
-
-def compile_or_eager(model, diffusion, x, y, autocast_dtype):
-    """torch.compile(model), tried first on one forward and backward of a batch (x, y) shaped like the
-    training's, so the compile happens here and not in the middle of the first step. Where compiling fails (no
-    C++ compiler, an operator or CPU the compiler cannot handle) one line says so and the model runs eager. The
-    trial's random draws are undone and its gradients dropped: a compiled run starts, and resumes, from the same
-    random state as an eager one."""
-    uncompiled, forward = model, torch.compile(model)
-    model = getattr(model, "module", model)  # under DDP, the gradients to drop are the wrapped model's
-    try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
-                torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss, _ = diffusion.training_losses(forward, x, y)
-            loss.mean().backward()
-    except Exception as e:  # the compiler's errors have no common base class
-        print(f"note: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
-              f"training eager")
-        forward = uncompiled
-    model.zero_grad(set_to_none=True)
-    return forward
-
-
-def restart_metrics(path, columns, step=None):
-    """metrics.csv with its header and, for a run resumed at step, its rows up to that step: rows past the
-    checkpoint (written before a crash that lost their checkpoint) are trained again, so they go. A new run
-    (step None) starts an empty file. Replaced atomically, so an interrupt leaves the old file."""
-    rows = []
-    if step is not None and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
-
-
-def ema_rate_at(step, ema_rate):
-    """EMA decay warmed up as min(rate, (1 + step) / (10 + step)), so short runs get a usable EMA instead
-    of one still dominated by the random initialisation after thousands of steps."""
-    return min(ema_rate, (1 + step) / (10 + step))
-
+from train_ddp import (QUARTERS, compile_or_eager, ema_rate_at, lr_at, make_optimizer, restart_metrics,
+                       train_step)
 
 # -----------------------------------------------------------------------------
 # command line: every flag of improved-diffusion's scripts/image_train.py, mapped onto config.yaml
@@ -287,8 +195,14 @@ def build_config(args, overrides, base=None):
 # the run
 
 
+IGNORED = {"fp16_scale_growth": "bf16 needs no loss scaling", "rescale_learned_sigmas": "there are no learned sigmas"}
+
+
 def main(argv):
     args, overrides = parse_args(argv)
+    for name, why in IGNORED.items():
+        if getattr(args, name) is not None:
+            print(f"note: --{name} is ignored: {why}")
 
     resumed = load_checkpoint(args.resume) if args.resume else None
     cfg = build_config(args, overrides, base=resumed["config"] if resumed else None)
@@ -362,7 +276,7 @@ def main(argv):
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     metrics_path = os.path.join(run_dir, "metrics.csv")
-    columns = ["step", "images", "loss", "mse", "grad_norm"] + QUARTERS + ["images_per_s", "elapsed_s"]
+    columns = ["step", "images", "loss", "grad_norm"] + QUARTERS + ["images_per_s", "elapsed_s"]
     restart_metrics(metrics_path, columns, step if resumed is not None else None)
 
     def save():
@@ -377,7 +291,7 @@ def main(argv):
     def summary(window):
         n = max(window["steps"], 1)
         quarters = (window["quarter_sum"] / window["quarter_count"].clamp(min=1)).tolist()
-        return {"step": step, "images": step * batch_size, "loss": window["loss"] / n, "mse": window["loss"] / n,
+        return {"step": step, "images": step * batch_size, "loss": window["loss"] / n,
                 "grad_norm": window["grad_norm"] / n, **dict(zip(QUARTERS, quarters)),
                 "images_per_s": window["images"] / max(window["seconds"], 1e-9), "elapsed_s": elapsed}
 
@@ -421,7 +335,7 @@ def main(argv):
             if step % args.log_interval == 0:
                 row = summary(log_window)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
-                tqdm.write(" | ".join([f"step {step}"] + [f"{k} {row[k]:.4f}" for k in ["loss", "mse", "grad_norm"]
+                tqdm.write(" | ".join([f"step {step}"] + [f"{k} {row[k]:.4f}" for k in ["loss", "grad_norm"]
                                                            + QUARTERS] + [f"{row['images_per_s']:.1f} img/s"]))
                 log_window = new_window()
             out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]

@@ -11,8 +11,13 @@ every save_every epochs, model/best_model.pth (weights alone) when the epoch los
 at training.checkpoint_epochs, outputs/training_log.csv and training_loss.png, and at the end
 outputs/sample_grid.png and outputs/timestep_grid_10x10.png from the EMA weights. --resume auto continues
 from whichever of those checkpoints holds the most steps and can be read (none: a fresh start).
+
+Read top to bottom: the training step and its schedules (train_cpu.py and bench/ use them too), how a
+distributed run leaves, then main in its stages (processes, run folder, resume, data, model, preemption, the
+loop, the end), then the command line.
 """
 import atexit
+import contextlib
 import copy
 import csv
 import glob
@@ -35,73 +40,102 @@ from data import load_cifar10, plot_curves, random_batches, to_model_range
 from diffusion import Diffusion
 from model import autocast_dtype_for, build_model, model_summary, update_ema
 from sample import save_class_grid, save_timestep_grid
-from train_cpu import compile_or_eager, ema_rate_at, lr_at, make_optimizer, restart_metrics, train_step
 
 # -----------------------------------------------------------------------------
-# command line: --resume PATH|auto, --overwrite, the rest is configuration
+# the training step and its schedules; train_cpu.py and bench/ use them too
 
-argv = sys.argv[1:]
-overwrite = "--overwrite" in argv  # start afresh over the checkpoints already in checkpoint_dir
-if overwrite:
-    argv.remove("--overwrite")
-resume = None
-for i, arg in enumerate(argv):
-    if arg == "--resume" or arg.startswith("--resume="):
-        resume = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-        del argv[i:i + (1 if "=" in arg else 2)]
-        if not resume:
-            fail("--resume needs a checkpoint path or 'auto'")
-        break
-cfg = load_config(argv)
-tc = cfg["training"]
-ckpt_dir, out_dir = tc["checkpoint_dir"], tc["output_dir"]
-latest_path = os.path.join(ckpt_dir, "cifar10_dit_ckpt.pth")
-best_path = os.path.join(ckpt_dir, "best_model.pth")
+QUARTERS = ["q0", "q1", "q2", "q3"]  # loss by quarter of the timestep range, q0 the least noisy
+
+
+def lr_at(step, training_cfg):
+    """Linear warm-up to learning_rate over warmup_steps, then constant (as improved-diffusion and DiT)."""
+    warmup = training_cfg["warmup_steps"]
+    return training_cfg["learning_rate"] * min(1.0, (step + 1) / warmup) if warmup > 0 else training_cfg["learning_rate"]
+
+
+def train_step(model, diffusion, optimizer, x, y, microbatch=0, grad_clip=0.0, autocast_dtype=None, no_sync=None):
+    """One optimiser step on the batch (x, y). With microbatch > 0 the batch is split into chunks whose
+    gradients add up to exactly the full-batch mean gradient (each chunk's mean loss is weighted by its
+    share of the batch). t and noise are drawn for the whole batch first, so splitting changes nothing.
+    no_sync, when given (DDP), is a context for all chunks but the last, so gradients are reduced once.
+    Returns (per-sample losses (B,), timesteps (B,), grad norm before clipping)."""
+    B = x.shape[0]
+    t = diffusion.sample_timesteps(B, x.device)
+    noise = torch.randn_like(x)
+    chunk = microbatch if 0 < microbatch < B else B
+    losses = []
+    optimizer.zero_grad(set_to_none=True)
+    for start in range(0, B, chunk):
+        part = slice(start, start + chunk)
+        last = start + chunk >= B
+        context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with context, torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                     enabled=autocast_dtype is not None):
+            loss, _ = diffusion.training_losses(model, x[part], y[part], t[part], noise[part])
+            (loss.mean() * (loss.shape[0] / B)).backward()
+        losses.append(loss.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if optimizer.defaults.get("fused"):  # make_optimizer's
+        # a non-finite gradient skips the step on the device, without the host waiting to look at it: the fused
+        # AdamW leaves weights and state untouched where found_inf is 1 (GradScaler's mechanism)
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif torch.isfinite(grad_norm):
+        optimizer.step()
+    return torch.cat(losses), t, grad_norm
+
+
+def make_optimizer(model, lr, weight_decay=0.0):
+    """AdamW with its fused kernel: one pass over all parameters instead of a dozen small ops on each,
+    much less of the optimiser's time on CPU (where PyTorch would otherwise pick the per-parameter loop)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def compile_or_eager(model, diffusion, x, y, autocast_dtype):
+    """torch.compile(model), tried first on one forward and backward of a batch (x, y) shaped like the
+    training's, so the compile happens here and not in the middle of the first step. Where compiling fails (no
+    C++ compiler, an operator or CPU the compiler cannot handle) one line says so and the model runs eager. The
+    trial's random draws are undone and its gradients dropped: a compiled run starts, and resumes, from the same
+    random state as an eager one."""
+    uncompiled, forward = model, torch.compile(model)
+    model = getattr(model, "module", model)  # under DDP, the gradients to drop are the wrapped model's
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+                torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss, _ = diffusion.training_losses(forward, x, y)
+            loss.mean().backward()
+    except Exception as e:  # the compiler's errors have no common base class
+        print(f"note: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
+              f"training eager")
+        forward = uncompiled
+    model.zero_grad(set_to_none=True)
+    return forward
+
+
+def restart_metrics(path, columns, step=None):
+    """metrics.csv with its header and, for a run resumed at step, its rows up to that step: rows past the
+    checkpoint (written before a crash that lost their checkpoint) are trained again, so they go. A new run
+    (step None) starts an empty file. Replaced atomically, so an interrupt leaves the old file."""
+    rows = []
+    if step is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def ema_rate_at(step, ema_rate):
+    """EMA decay warmed up as min(rate, (1 + step) / (10 + step)), so short runs get a usable EMA instead
+    of one still dominated by the random initialisation after thousands of steps."""
+    return min(ema_rate, (1 + step) / (10 + step))
+
 
 # -----------------------------------------------------------------------------
-# distributed setup from torchrun's environment; plain python is a world of one
-
-distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-if distributed:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # bound to this rank's GPU, so barriers and the first collectives run there and not on GPU 0 of each node
-    bound = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} \
-        if torch.cuda.is_available() else {}
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun keeps one store for every restart of a job, so the addresses the ranks of a failed attempt
-        # published there are still in it, and a restarted rank that reads one connects to a dead process
-        # ("Connection refused"). A key prefix per attempt keeps the attempts apart. The restart count is
-        # only the same on every node of a one-node job: with several nodes and --max-restarts, export
-        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives each attempt a store of its own.
-        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
-                os.environ.get("GROUP_WORLD_SIZE", "1") != "1" and int(os.environ["RANK"]) == 0:
-            print("warning: several nodes with --max-restarts share one store across restarts; export "
-                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun so a restart cannot read stale addresses",
-                  file=sys.stderr)
-        agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"train_ddp/attempt_{attempt}/", agent_store),
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), **bound)
-    else:
-        dist.init_process_group(backend, **bound)
-rank = dist.get_rank() if distributed else 0
-world_size = dist.get_world_size() if distributed else 1
-local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-master = rank == 0
-if torch.cuda.is_available():
-    device = torch.device("cuda", local_rank)
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 master weights, TF32 tensor-core matmuls
-    torch.backends.cudnn.allow_tf32 = True
-else:
-    device = torch.device("cpu")
-    if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins; else the cores are shared out
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
-def log(message):
-    if master:
-        tqdm.write(message)
+# leaving a distributed run
 
 
 def leave_process_group(status):
@@ -121,323 +155,405 @@ def leave_process_group(status):
 
 
 def fail_together(message):
-    """Stop every rank with exit status 2, rank 0 saying why in one line. All ranks must call it."""
-    if not distributed:
+    """Stop with exit status 2, rank 0 saying why in one line. In a distributed run all ranks must call it."""
+    if not dist.is_initialized():
         fail(message)
-    if master:
+    if dist.get_rank() == 0:
         print(f"error: {message}", file=sys.stderr)
     leave_process_group(2)
 
 
 # -----------------------------------------------------------------------------
-# one job per run: rank 0 locks the checkpoint and output folders for the group, and a fresh start stops
-# rather than replace the checkpoints of a run already there (a repeated command, a retried job)
+# the training stage
 
-taken = [""]
-if master:
-    held = [latest_path, best_path, *glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth"))]
-    try:
-        for folder, checkpoints in ((ckpt_dir, held), (out_dir, [])):
-            claim_run_folder(folder, checkpoints, resuming=resume is not None, overwrite=overwrite,
-                             ways_on="--resume auto continues it, another training.checkpoint_dir (and "
-                                     "training.output_dir) starts a new one, --overwrite trains over it")
-    except RunFolderTaken as e:
-        taken[0] = str(e)
-if distributed:
-    dist.broadcast_object_list(taken)
-if taken[0]:
-    fail_together(taken[0])
 
-# -----------------------------------------------------------------------------
-# resume: rank 0 chooses the checkpoint and every rank reads that one. Each choosing from its own disk (nodes
-# without a shared filesystem) would start the ranks at different steps, and the first collective would hang.
-
-if resume == "auto":
-    choice = [None, ""]  # the path, or why there is none
-    if master:  # the file with the most steps that can be read, so a corrupt newest one costs only its steps
-        epoch_paths = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth")))
-        try:
-            choice[0] = newest_checkpoint([latest_path, best_path, *epoch_paths])[0]
-        except UnreadableCheckpoint as e:
-            choice[1] = f"--resume auto: {e}"
-    if distributed:
-        dist.broadcast_object_list(choice)
-    resume, why = choice
-    if why:
-        fail_together(why)
-    if resume is None:
-        log(f"--resume auto: no checkpoint in {ckpt_dir}/, starting from step 0")
-resumed = None
-if resume:  # every rank reads it, and all stop with one line if one cannot or finds another step in its copy
-    try:
-        if not os.path.isfile(resume):
-            raise UnreadableCheckpoint("does not exist")
-        resumed = read_checkpoint(resume)
-        report = ("", resumed.get("step"))
-    except UnreadableCheckpoint as e:
-        report = (f"checkpoint {resume!r} {e}", None)
-    reports = [report] * world_size
-    if distributed:
-        dist.all_gather_object(reports, report)
-    if reports[0][0]:
-        fail_together(("rank 0: " if distributed else "") + reports[0][0])
-    # nodes without a shared filesystem: only rank 0 saves, so another node's disk lacks the file or holds an
-    # older copy. Rank 0 sends its copy to those ranks, which keep it on their own disk for the next restart.
-    lacking = [r for r, (why, resumed_step) in enumerate(reports) if why or resumed_step != reports[0][1]]
-    if lacking:
-        payload = [None]
-        if master:
-            with open(resume, "rb") as f:
-                payload[0] = f.read()
-        dist.broadcast_object_list(payload)
-        if rank in lacking:
-            os.makedirs(os.path.dirname(os.path.abspath(resume)), exist_ok=True)
-            partial = f"{resume}.received{os.getpid()}"  # ranks of one node may share a disk: each its own name
-            with open(partial, "wb") as f:
-                f.write(payload[0])
-            os.replace(partial, resume)
-            resumed = read_checkpoint(resume)
-        del payload
-        log(f"rank 0 sent {resume} to rank(s) {', '.join(map(str, lacking))}, whose disks lacked it or held "
-            f"another step")
-    cfg = load_config(argv, base=resumed["config"])  # the run's own config, with the given overrides on top
+def main(cfg, resume=None, overwrite=False, overrides=None):
+    """Train as cfg says, in this process and, under torchrun, with its peers. resume: a checkpoint path,
+    "auto" (the readable one with the most steps in checkpoint_dir, or a fresh start) or None. overwrite: start
+    afresh over a run's checkpoints. overrides (--section.key=value) are applied again on top of a resumed
+    checkpoint's own config; without them the checkpoint's config is taken as cfg gives it."""
     tc = cfg["training"]
+    ckpt_dir, out_dir = tc["checkpoint_dir"], tc["output_dir"]
+    latest_path = os.path.join(ckpt_dir, "cifar10_dit_ckpt.pth")
+    best_path = os.path.join(ckpt_dir, "best_model.pth")
 
-autocast_dtype = autocast_dtype_for(tc["precision"], device)  # the resumed run's precision, unless overridden
-if distributed and device.type == "cpu" and tc["precision"] == "auto":
-    # each rank timed its own matmuls; bf16 only if every one of them chose it, so that all ranks agree
-    chose_bf16 = torch.tensor([int(autocast_dtype is not None)])
-    dist.all_reduce(chose_bf16, op=dist.ReduceOp.MIN)
-    autocast_dtype = torch.bfloat16 if chose_bf16.item() else None
+    # -----------------------------------------------------------------------------
+    # distributed setup from torchrun's environment; plain python is a world of one
 
-# -----------------------------------------------------------------------------
-# data: the whole training set as one uint8 tensor on the device; shuffling, flips and scaling happen there
-
-data_started = time.time()
-if distributed and local_rank != 0:  # a fresh clone has no data: local rank 0 downloads it while the others wait
-    dist.barrier()
-images, labels, class_names = load_cifar10(cfg["data"]["data_dir"], "train", image_size=cfg["model"]["image_size"])
-if distributed and local_rank == 0:
-    dist.barrier()
-if len(class_names) > cfg["model"]["num_classes"]:
-    fail_together(f"the data has {len(class_names)} classes but model.num_classes={cfg['model']['num_classes']}")
-images, labels = images.to(device), labels.to(device)
-batch_size = tc["batch_size"]
-sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"],
-                             drop_last=True)
-steps_per_epoch = len(sampler) // batch_size
-if steps_per_epoch == 0:
-    fail_together(f"batch_size={batch_size} x {world_size} processes is more than the {len(images)} training images")
-
-# -----------------------------------------------------------------------------
-# model, EMA, optimiser; the same seed on every rank for the weights, a rank-dependent one for the noise
-
-torch.manual_seed(tc["seed"])
-model = build_model(cfg["model"]).to(device)
-ema = copy.deepcopy(model).requires_grad_(False).eval()
-optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"])
-diffusion = Diffusion.from_config(cfg["diffusion"])
-step, elapsed, best_loss = 0, 0.0, float("inf")
-torch.manual_seed(tc["seed"] + 1000 * rank)
-if resumed is not None:
-    try:
-        model.load_state_dict(resumed["model"])
-    except RuntimeError:
-        fail_together(f"--resume {resume}: its weights do not fit the model the given options describe")
-    ema.load_state_dict(resumed["ema"])
-    optimizer.load_state_dict(resumed["optimizer"])
-    step, elapsed, best_loss = resumed["step"], resumed.get("elapsed", 0.0), resumed.get("best_loss", float("inf"))
-    rng_states = resumed.get("rng_per_rank") or [resumed["rng"]]
-    if len(rng_states) == world_size:  # the exact continuation; another world size draws fresh noise
-        set_rng_state(rng_states[rank], quiet=not master)
-    log(f"resumed from {resume} at step {step}")
-if master:
-    print(model_summary(model, cfg["model"]))
-# no buffer broadcast before every forward: the DiT's only buffer, the position table, never changes (the
-# UNet has none), and the broadcast is a collective each step that waits for rank 0
-forward = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                  broadcast_buffers=False) if distributed else model
-if tc["compile"]:
-    # DDP first, then compile, as PyTorch's DDP notes say: DDPOptimizer then splits the graph at DDP's gradient
-    # buckets, so each bucket's all-reduce overlaps the rest of the backward pass (compiled inside DDP, the
-    # backward is one graph, and every all-reduce waits for its end). Checkpoints save model, unwrapped. The
-    # compile happens on a trial step whose random draws are undone; where it fails, one line and eager.
-    forward = compile_or_eager(forward, diffusion, to_model_range(images[:batch_size]), labels[:batch_size],
-                               autocast_dtype)
-max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
-log(f"{world_size} process(es) on {device.type} | batch {batch_size} per process, {batch_size * world_size} in all | "
-    f"{steps_per_epoch} steps/epoch | {'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "
-    f"kernels: {KERNELS_PATH} | data loaded in {time.time() - data_started:.1f} s | step {step} -> {max_steps}")
-
-# -----------------------------------------------------------------------------
-# preemption: SIGTERM or Ctrl-C finishes the step, saves, and exits cleanly; all ranks agree to stop. A non-finite
-# loss stops the run without saving. Both are looked at every check_every steps: a look waits for the device to
-# finish its queue, so on a GPU it happens every log_interval steps (a signal stops the run within that many),
-# on a CPU, where waiting costs nothing, every step.
-
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    """A second Ctrl-C aborts at once (a person who will not wait); a second SIGTERM changes nothing, since
-    schedulers send it again (SLURM signals every process, and torchrun passes its own on) while the save
-    the first one asked for may be inside a collective."""
-    global stop_requested
-    if stop_requested and signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    stop_requested = True
-
-
-signal.signal(signal.SIGTERM, request_stop)
-signal.signal(signal.SIGINT, request_stop)
-
-
-check_every = tc["log_interval"] if device.type == "cuda" else 1
-
-
-def check_together(stop, nonfinite):
-    """(whether any rank stops, the most non-finite steps any rank counted): decided together, or the ranks
-    that carry on would wait forever for those that stopped. One all-reduce, one wait for the device."""
-    flags = torch.stack([torch.tensor(float(stop), device=device), nonfinite])
+    distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    stop, nonfinite = flags.tolist()
-    return stop > 0, int(nonfinite)
-
-
-def save(path, epoch, weights_only=False):
-    """Collective (every rank's RNG state is gathered); rank 0 writes atomically. weights_only: the model and EMA
-    weights with their config, half the full state's bytes, for the best model, which is written whenever
-    the epoch loss improves (the optimiser's two moments and the RNG states are what resuming needs)."""
-    if weights_only:
-        if master:
-            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": None, "step": step,
-                             "epoch": epoch, "best_loss": best_loss, "config": cfg, "class_names": class_names}, path)
-        return
-    states = [None] * world_size
-    if distributed:
-        dist.all_gather_object(states, rng_state())
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # bound to this rank's GPU, so barriers and the first collectives run there and not on GPU 0 of each node
+        bound = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} \
+            if torch.cuda.is_available() else {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one store for every restart of a job, so the addresses the ranks of a failed attempt
+            # published there are still in it, and a restarted rank that reads one connects to a dead process
+            # ("Connection refused"). A key prefix per attempt keeps the attempts apart. The restart count is
+            # only the same on every node of a one-node job: with several nodes and --max-restarts, export
+            # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives each attempt a store of its own.
+            if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+                    os.environ.get("GROUP_WORLD_SIZE", "1") != "1" and int(os.environ["RANK"]) == 0:
+                print("warning: several nodes with --max-restarts share one store across restarts; export "
+                      "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun so a restart cannot read stale addresses",
+                      file=sys.stderr)
+            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"train_ddp/attempt_{attempt}/", agent_store),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), **bound)
+        else:
+            dist.init_process_group(backend, **bound)
+    rank = dist.get_rank() if distributed else 0
+    world_size = dist.get_world_size() if distributed else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    master = rank == 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 master weights, TF32 tensor-core matmuls
+        torch.backends.cudnn.allow_tf32 = True
     else:
-        states = [rng_state()]
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins; else the cores are shared out
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+    def log(message):
+        if master:
+            tqdm.write(message)
+
+
+
+
+    # -----------------------------------------------------------------------------
+    # one job per run: rank 0 locks the checkpoint and output folders for the group, and a fresh start stops
+    # rather than replace the checkpoints of a run already there (a repeated command, a retried job)
+
+    taken = [""]
     if master:
-        save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "step": step, "epoch": epoch, "elapsed": elapsed, "best_loss": best_loss, "config": cfg,
-                         "class_names": class_names, "rng": states[0], "rng_per_rank": states,
-                         "world_size": world_size, "epoch_loss": epoch_progress}, path)
-
-
-# -----------------------------------------------------------------------------
-# training loop: one epoch after another, a CSV row and a line per epoch
-
-log_path = os.path.join(out_dir, "training_log.csv")
-columns = ["epoch", "step", "loss", "seconds", "data_seconds", "images_per_s", "lr", "elapsed_s"]
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    restart_metrics(log_path, columns, step if resumed is not None else None)  # rows past the checkpoint go
-model.train()
-generator = torch.Generator(device)
-nonfinite = torch.zeros((), device=device)  # steps whose loss or gradient was nan or inf, counted on the device
-run_started = time.time()
-finished = step >= max_steps
-while not finished:
-    epoch, position = divmod(step, steps_per_epoch)
-    sampler.set_epoch(epoch)
-    shard = torch.tensor(list(sampler), device=device)
-    generator.manual_seed(tc["seed"] * 100003 + epoch * 1009 + rank)  # order and flips depend on (epoch, rank)
-    batches = random_batches(images, labels, batch_size, generator, cfg["data"]["random_flip"], indices=shard)
-    for _ in range(position):  # a resumed run skips to the batch it stopped before
-        next(batches)
-    loss_sum, loss_count, steps_run, epoch_seconds, data_seconds = torch.zeros((), device=device), 0, 0, 0.0, 0.0
-    if position > 0 and resumed is not None and resumed.get("epoch_loss"):  # the stopped run's part of this epoch
-        carried, loss_count = resumed["epoch_loss"]
-        # this rank's own sum, so the epoch's loss comes out bit for bit as if no run had stopped; from another
-        # number of ranks (or an older checkpoint, which kept their mean) each rank carries the mean sum
-        if isinstance(carried, list):
-            carried = carried[rank] if len(carried) == world_size else sum(carried) / len(carried)
-        loss_sum += carried
-    bar = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", leave=False, disable=not master,
-               dynamic_ncols=True)
-    while True:
-        started = time.perf_counter()
-        batch = next(batches, None)
-        data_seconds += time.perf_counter() - started
-        if batch is None:
-            break
-        x, y = batch
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc)
-        losses, _, grad_norm = train_step(forward, diffusion, optimizer, x, y, grad_clip=tc["grad_clip"],
-                                          autocast_dtype=autocast_dtype)
-        nonfinite += ~(torch.isfinite(grad_norm) & torch.isfinite(losses).all())  # train_step skipped its update
-        update_ema(ema, model, ema_rate_at(step, tc["ema_rate"]))
-        step += 1
-        loss_sum += losses.detach().mean()
-        loss_count += 1
-        steps_run += 1
-        if device.type == "cuda" and step % tc["log_interval"] == 0:
-            torch.cuda.synchronize()  # so the timing below measures the work, not the queue
-        seconds = time.perf_counter() - started
-        epoch_seconds += seconds
-        elapsed += seconds
-        bar.update(1)
-        if step % check_every and step % steps_per_epoch and step < max_steps:
-            continue  # the last step of an epoch and of the run are checked too: nothing is saved unchecked
-        out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
-        stop, bad_steps = check_together(stop_requested or out_of_time, nonfinite)
-        if bad_steps:
-            bar.close()  # so the error starts its own line
-            fail_together(f"the loss became nan or inf at {bad_steps} step(s) up to step {step}, whose updates were "
-                          f"skipped: stopping; the last good checkpoint in {ckpt_dir}/ is untouched "
-                          f"(try a lower --training.learning_rate)")
-        if step % tc["log_interval"] == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}")
-        if stop or step >= max_steps:
-            finished = True
-            break
-    bar.close()
-    epoch_ended = step % steps_per_epoch == 0  # also when a resumed run finished an epoch another one began
-    epoch_done = epoch + 1 if epoch_ended else epoch
-    rank_sums = [loss_sum]
+        held = [latest_path, best_path, *glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth"))]
+        try:
+            for folder, checkpoints in ((ckpt_dir, held), (out_dir, [])):
+                claim_run_folder(folder, checkpoints, resuming=resume is not None, overwrite=overwrite,
+                                 ways_on="--resume auto continues it, another training.checkpoint_dir (and "
+                                         "training.output_dir) starts a new one, --overwrite trains over it")
+        except RunFolderTaken as e:
+            taken[0] = str(e)
     if distributed:
-        rank_sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
-        dist.all_gather(rank_sums, loss_sum)
-    rank_sums = [value.item() for value in rank_sums]
-    epoch_loss = sum(rank_sums) / world_size / max(loss_count, 1)
-    epoch_progress = None if epoch_ended else (rank_sums, loss_count)  # a resumed run carries it on
-    rate = steps_run * batch_size * world_size / max(epoch_seconds, 1e-9)
-    partial = "" if epoch_ended else f" ({step % steps_per_epoch}/{steps_per_epoch} steps)"
-    log(f"epoch {epoch + 1}{partial} | loss {epoch_loss:.4f} | {epoch_seconds:.1f} s | {rate:.0f} img/s | "
-        f"data {data_seconds:.2f} s")
-    if master:  # the epoch column is fractional for a run stopped mid-epoch, so the plot's x axis stays true
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([round(step / steps_per_epoch, 4), step, epoch_loss, epoch_seconds, data_seconds,
-                                    rate, optimizer.param_groups[0]["lr"], elapsed])
-    if epoch_ended and epoch_loss < best_loss:
-        best_loss = epoch_loss
-        save(best_path, epoch_done, weights_only=True)
-    if epoch_ended and epoch_done in tc["checkpoint_epochs"]:
-        save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch_done}.pth"), epoch_done)
-    if finished or (epoch_ended and epoch_done % tc["save_every"] == 0):
-        save(latest_path, epoch_done)
+        dist.broadcast_object_list(taken)
+    if taken[0]:
+        fail_together(taken[0])
+
+    # -----------------------------------------------------------------------------
+    # resume: rank 0 chooses the checkpoint and every rank reads that one. Each choosing from its own disk (nodes
+    # without a shared filesystem) would start the ranks at different steps, and the first collective would hang.
+
+    if resume == "auto":
+        choice = [None, ""]  # the path, or why there is none
+        if master:  # the file with the most steps that can be read, so a corrupt newest one costs only its steps
+            epoch_paths = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth")))
+            try:
+                choice[0] = newest_checkpoint([latest_path, best_path, *epoch_paths])[0]
+            except UnreadableCheckpoint as e:
+                choice[1] = f"--resume auto: {e}"
+        if distributed:
+            dist.broadcast_object_list(choice)
+        resume, why = choice
+        if why:
+            fail_together(why)
+        if resume is None:
+            log(f"--resume auto: no checkpoint in {ckpt_dir}/, starting from step 0")
+    resumed = None
+    if resume:  # every rank reads it, and all stop with one line if one cannot or finds another step in its copy
+        try:
+            if not os.path.isfile(resume):
+                raise UnreadableCheckpoint("does not exist")
+            resumed = read_checkpoint(resume)
+            report = ("", resumed.get("step"))
+        except UnreadableCheckpoint as e:
+            report = (f"checkpoint {resume!r} {e}", None)
+        reports = [report] * world_size
+        if distributed:
+            dist.all_gather_object(reports, report)
+        if reports[0][0]:
+            fail_together(("rank 0: " if distributed else "") + reports[0][0])
+        # nodes without a shared filesystem: only rank 0 saves, so another node's disk lacks the file or holds an
+        # older copy. Rank 0 sends its copy to those ranks, which keep it on their own disk for the next restart.
+        lacking = [r for r, (why, resumed_step) in enumerate(reports) if why or resumed_step != reports[0][1]]
+        if lacking:
+            payload = [None]
+            if master:
+                with open(resume, "rb") as f:
+                    payload[0] = f.read()
+            dist.broadcast_object_list(payload)
+            if rank in lacking:
+                os.makedirs(os.path.dirname(os.path.abspath(resume)), exist_ok=True)
+                partial = f"{resume}.received{os.getpid()}"  # ranks of one node may share a disk: each its own name
+                with open(partial, "wb") as f:
+                    f.write(payload[0])
+                os.replace(partial, resume)
+                resumed = read_checkpoint(resume)
+            del payload
+            log(f"rank 0 sent {resume} to rank(s) {', '.join(map(str, lacking))}, whose disks lacked it or held "
+                f"another step")
+        if overrides is not None:  # the run's own config, with the given overrides on top
+            cfg = load_config(overrides, base=resumed["config"])
+        tc = cfg["training"]
+
+    autocast_dtype = autocast_dtype_for(tc["precision"], device)  # the resumed run's precision, unless overridden
+    if distributed and device.type == "cpu" and tc["precision"] == "auto":
+        # each rank timed its own matmuls; bf16 only if every one of them chose it, so that all ranks agree
+        chose_bf16 = torch.tensor([int(autocast_dtype is not None)])
+        dist.all_reduce(chose_bf16, op=dist.ReduceOp.MIN)
+        autocast_dtype = torch.bfloat16 if chose_bf16.item() else None
+
+    # -----------------------------------------------------------------------------
+    # data: the whole training set as one uint8 tensor on the device; shuffling, flips and scaling happen there
+
+    data_started = time.time()
+    if distributed and local_rank != 0:  # a fresh clone has no data: local rank 0 downloads it while the others wait
+        dist.barrier()
+    images, labels, class_names = load_cifar10(cfg["data"]["data_dir"], "train", image_size=cfg["model"]["image_size"])
+    if distributed and local_rank == 0:
+        dist.barrier()
+    if len(class_names) > cfg["model"]["num_classes"]:
+        fail_together(f"the data has {len(class_names)} classes but model.num_classes={cfg['model']['num_classes']}")
+    images, labels = images.to(device), labels.to(device)
+    batch_size = tc["batch_size"]
+    sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"],
+                                 drop_last=True)
+    steps_per_epoch = len(sampler) // batch_size
+    if steps_per_epoch == 0:
+        fail_together(f"batch_size={batch_size} x {world_size} processes is more than the {len(images)} training images")
+
+    # -----------------------------------------------------------------------------
+    # model, EMA, optimiser; the same seed on every rank for the weights, a rank-dependent one for the noise
+
+    torch.manual_seed(tc["seed"])
+    model = build_model(cfg["model"]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"])
+    diffusion = Diffusion.from_config(cfg["diffusion"])
+    step, elapsed, best_loss = 0, 0.0, float("inf")
+    torch.manual_seed(tc["seed"] + 1000 * rank)
+    if resumed is not None:
+        try:
+            model.load_state_dict(resumed["model"])
+        except RuntimeError:
+            fail_together(f"--resume {resume}: its weights do not fit the model the given options describe")
+        ema.load_state_dict(resumed["ema"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        step, elapsed, best_loss = resumed["step"], resumed.get("elapsed", 0.0), resumed.get("best_loss", float("inf"))
+        rng_states = resumed.get("rng_per_rank") or [resumed["rng"]]
+        if len(rng_states) == world_size:  # the exact continuation; another world size draws fresh noise
+            set_rng_state(rng_states[rank], quiet=not master)
+        log(f"resumed from {resume} at step {step}")
+    if master:
+        print(model_summary(model, cfg["model"]))
+    # no buffer broadcast before every forward: the DiT's only buffer, the position table, never changes (the
+    # UNet has none), and the broadcast is a collective each step that waits for rank 0
+    forward = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                      broadcast_buffers=False) if distributed else model
+    if tc["compile"]:
+        # DDP first, then compile, as PyTorch's DDP notes say: DDPOptimizer then splits the graph at DDP's gradient
+        # buckets, so each bucket's all-reduce overlaps the rest of the backward pass (compiled inside DDP, the
+        # backward is one graph, and every all-reduce waits for its end). Checkpoints save model, unwrapped. The
+        # compile happens on a trial step whose random draws are undone; where it fails, one line and eager.
+        forward = compile_or_eager(forward, diffusion, to_model_range(images[:batch_size]), labels[:batch_size],
+                                   autocast_dtype)
+    max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
+    log(f"{world_size} process(es) on {device.type} | batch {batch_size} per process, {batch_size * world_size} in all | "
+        f"{steps_per_epoch} steps/epoch | {'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "
+        f"kernels: {KERNELS_PATH} | data loaded in {time.time() - data_started:.1f} s | step {step} -> {max_steps}")
+
+    # -----------------------------------------------------------------------------
+    # preemption: SIGTERM or Ctrl-C finishes the step, saves, and exits cleanly; all ranks agree to stop. A non-finite
+    # loss stops the run without saving. Both are looked at every check_every steps: a look waits for the device to
+    # finish its queue, so on a GPU it happens every log_interval steps (a signal stops the run within that many),
+    # on a CPU, where waiting costs nothing, every step.
+
+    stop_requested = False
+
+
+    def request_stop(signum, frame):
+        """A second Ctrl-C aborts at once (a person who will not wait); a second SIGTERM changes nothing, since
+        schedulers send it again (SLURM signals every process, and torchrun passes its own on) while the save
+        the first one asked for may be inside a collective."""
+        nonlocal stop_requested
+        if stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_requested = True
+
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+
+    check_every = tc["log_interval"] if device.type == "cuda" else 1
+
+
+    def check_together(stop, nonfinite):
+        """(whether any rank stops, the most non-finite steps any rank counted): decided together, or the ranks
+        that carry on would wait forever for those that stopped. One all-reduce, one wait for the device."""
+        flags = torch.stack([torch.tensor(float(stop), device=device), nonfinite])
+        if distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, nonfinite = flags.tolist()
+        return stop > 0, int(nonfinite)
+
+
+    def save(path, epoch, weights_only=False):
+        """Collective (every rank's RNG state is gathered); rank 0 writes atomically. weights_only: the model and EMA
+        weights with their config, for the best model, which is written whenever the epoch loss improves; the
+        optimiser's two moments and the RNG states, which only resuming needs, stay out."""
+        if weights_only:
+            if master:
+                save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": None, "step": step,
+                                 "epoch": epoch, "best_loss": best_loss, "config": cfg, "class_names": class_names}, path)
+            return
+        states = [None] * world_size
+        if distributed:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if master:
+            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                             "step": step, "epoch": epoch, "elapsed": elapsed, "best_loss": best_loss, "config": cfg,
+                             "class_names": class_names, "rng": states[0], "rng_per_rank": states,
+                             "world_size": world_size, "epoch_loss": epoch_progress}, path)
+
+
+    # -----------------------------------------------------------------------------
+    # training loop: one epoch after another, a CSV row and a line per epoch
+
+    log_path = os.path.join(out_dir, "training_log.csv")
+    columns = ["epoch", "step", "loss", "seconds", "data_seconds", "images_per_s", "lr", "elapsed_s"]
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        restart_metrics(log_path, columns, step if resumed is not None else None)  # rows past the checkpoint go
+    model.train()
+    generator = torch.Generator(device)
+    nonfinite = torch.zeros((), device=device)  # steps whose loss or gradient was nan or inf, counted on the device
+    run_started = time.time()
+    finished = step >= max_steps
+    while not finished:
+        epoch, position = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        shard = torch.tensor(list(sampler), device=device)
+        generator.manual_seed(tc["seed"] * 100003 + epoch * 1009 + rank)  # order and flips depend on (epoch, rank)
+        batches = random_batches(images, labels, batch_size, generator, cfg["data"]["random_flip"], indices=shard)
+        for _ in range(position):  # a resumed run skips to the batch it stopped before
+            next(batches)
+        loss_sum, loss_count, steps_run, epoch_seconds, data_seconds = torch.zeros((), device=device), 0, 0, 0.0, 0.0
+        if position > 0 and resumed is not None and resumed.get("epoch_loss"):  # the stopped run's part of this epoch
+            carried, loss_count = resumed["epoch_loss"]
+            # this rank's own sum, so the epoch's loss comes out bit for bit as if no run had stopped; from another
+            # number of ranks (or an older checkpoint, which kept their mean) each rank carries the mean sum
+            if isinstance(carried, list):
+                carried = carried[rank] if len(carried) == world_size else sum(carried) / len(carried)
+            loss_sum += carried
+        bar = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", leave=False, disable=not master,
+                   dynamic_ncols=True)
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            data_seconds += time.perf_counter() - started
+            if batch is None:
+                break
+            x, y = batch
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tc)
+            losses, _, grad_norm = train_step(forward, diffusion, optimizer, x, y, grad_clip=tc["grad_clip"],
+                                              autocast_dtype=autocast_dtype)
+            nonfinite += ~(torch.isfinite(grad_norm) & torch.isfinite(losses).all())  # train_step skipped its update
+            update_ema(ema, model, ema_rate_at(step, tc["ema_rate"]))
+            step += 1
+            loss_sum += losses.detach().mean()
+            loss_count += 1
+            steps_run += 1
+            if device.type == "cuda" and step % tc["log_interval"] == 0:
+                torch.cuda.synchronize()  # so the timing below measures the work, not the queue
+            seconds = time.perf_counter() - started
+            epoch_seconds += seconds
+            elapsed += seconds
+            bar.update(1)
+            if step % check_every and step % steps_per_epoch and step < max_steps:
+                continue  # the last step of an epoch and of the run are checked too: nothing is saved unchecked
+            out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
+            stop, bad_steps = check_together(stop_requested or out_of_time, nonfinite)
+            if bad_steps:
+                bar.close()  # so the error starts its own line
+                fail_together(f"the loss became nan or inf at {bad_steps} step(s) up to step {step}, whose updates were "
+                              f"skipped: stopping; the last good checkpoint in {ckpt_dir}/ is untouched "
+                              f"(try a lower --training.learning_rate)")
+            if step % tc["log_interval"] == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}")
+            if stop or step >= max_steps:
+                finished = True
+                break
+        bar.close()
+        epoch_ended = step % steps_per_epoch == 0  # also when a resumed run finished an epoch another one began
+        epoch_done = epoch + 1 if epoch_ended else epoch
+        rank_sums = [loss_sum]
+        if distributed:
+            rank_sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
+            dist.all_gather(rank_sums, loss_sum)
+        rank_sums = [value.item() for value in rank_sums]
+        epoch_loss = sum(rank_sums) / world_size / max(loss_count, 1)
+        epoch_progress = None if epoch_ended else (rank_sums, loss_count)  # a resumed run carries it on
+        rate = steps_run * batch_size * world_size / max(epoch_seconds, 1e-9)
+        partial = "" if epoch_ended else f" ({step % steps_per_epoch}/{steps_per_epoch} steps)"
+        log(f"epoch {epoch + 1}{partial} | loss {epoch_loss:.4f} | {epoch_seconds:.1f} s | {rate:.0f} img/s | "
+            f"data {data_seconds:.2f} s")
+        if master:  # the epoch column is fractional for a run stopped mid-epoch, so the plot's x axis stays true
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow([round(step / steps_per_epoch, 4), step, epoch_loss, epoch_seconds, data_seconds,
+                                        rate, optimizer.param_groups[0]["lr"], elapsed])
+        if epoch_ended and epoch_loss < best_loss:
+            best_loss = epoch_loss
+            save(best_path, epoch_done, weights_only=True)
+        if epoch_ended and epoch_done in tc["checkpoint_epochs"]:
+            save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch_done}.pth"), epoch_done)
+        if finished or (epoch_ended and epoch_done % tc["save_every"] == 0):
+            save(latest_path, epoch_done)
+
+    # -----------------------------------------------------------------------------
+    # the end: replicas must agree; plots and grids from the EMA weights
+
+    if distributed:
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        sums = [torch.zeros_like(checksum) for _ in range(world_size)]
+        dist.all_gather(sums, checksum)
+        in_sync = all(torch.equal(s, sums[0]) for s in sums)
+        log(f"ranks in sync: {'yes' if in_sync else 'NO'} (parameter checksum {sums[0].item():.6f})")
+    if master:
+        total = time.time() - run_started
+        images_seen = step * batch_size * world_size
+        plot_curves(log_path, os.path.join(out_dir, "training_loss.png"), "epoch", ["loss"],
+                    f"training loss | {step} steps, {elapsed / 60:.1f} min of training ({total / 60:.1f} min wall), "
+                    f"{images_seen / max(elapsed, 1e-9):.0f} img/s, {world_size} x {device.type}")
+        if not stop_requested:
+            save_class_grid(ema, cfg, class_names, os.path.join(out_dir, "sample_grid.png"), per_class=10)
+            save_timestep_grid(ema, cfg, os.path.join(out_dir, "timestep_grid_10x10.png"))
+        print(f"done: step {step}, {elapsed / 60:.1f} min of training | {latest_path} | {out_dir}/")
+    if distributed:
+        leave_process_group(0)  # the other ranks wait here for rank 0's grids
+
 
 # -----------------------------------------------------------------------------
-# the end: replicas must agree; plots and grids from the EMA weights
+# command line: --resume PATH|auto, --overwrite, the rest is configuration
 
-if distributed:
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    sums = [torch.zeros_like(checksum) for _ in range(world_size)]
-    dist.all_gather(sums, checksum)
-    in_sync = all(torch.equal(s, sums[0]) for s in sums)
-    log(f"ranks in sync: {'yes' if in_sync else 'NO'} (parameter checksum {sums[0].item():.6f})")
-if master:
-    total = time.time() - run_started
-    images_seen = step * batch_size * world_size
-    plot_curves(log_path, os.path.join(out_dir, "training_loss.png"), "epoch", ["loss"],
-                f"training loss | {step} steps, {elapsed / 60:.1f} min of training ({total / 60:.1f} min wall), "
-                f"{images_seen / max(elapsed, 1e-9):.0f} img/s, {world_size} x {device.type}")
-    if not stop_requested:
-        save_class_grid(ema, cfg, class_names, os.path.join(out_dir, "sample_grid.png"), per_class=10)
-        save_timestep_grid(ema, cfg, os.path.join(out_dir, "timestep_grid_10x10.png"))
-    print(f"done: step {step}, {elapsed / 60:.1f} min of training | {latest_path} | {out_dir}/")
-if distributed:
-    leave_process_group(0)  # the other ranks wait here for rank 0's grids
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    overwrite = "--overwrite" in argv  # start afresh over the checkpoints already in checkpoint_dir
+    if overwrite:
+        argv.remove("--overwrite")
+    resume = None
+    for i, arg in enumerate(argv):
+        if arg == "--resume" or arg.startswith("--resume="):
+            resume = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i:i + (1 if "=" in arg else 2)]
+            if not resume:
+                fail("--resume needs a checkpoint path or 'auto'")
+            break
+    main(load_config(argv), resume, overwrite, overrides=argv)

@@ -7,7 +7,6 @@ UNet and training loss run the seed command's step side by side.
 """
 import os
 import sys
-import time
 
 import torch
 
@@ -16,7 +15,7 @@ from bench.common import cpu_name, matmul_gflops, race  # noqa: E402
 from config import load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from train_cpu import make_optimizer, train_step  # noqa: E402
+from train_ddp import make_optimizer, train_step  # noqa: E402
 
 SEED_UNET = ["--model.name=unet", "--model.num_channels=64", "--model.num_res_blocks=2"]
 TOKEN_DIT = ["--model.name=dit", "--model.conditioning=token"]  # 384 x 12, patch 4, 8/2 heads
@@ -31,7 +30,7 @@ def forward_flops(model, size=32):
 
 
 def our_step(cfg_args, batch, microbatch, dtype):
-    """One train_cpu.train_step on random data, as a function to time, and the model's forward FLOPs."""
+    """One train_ddp.train_step on random data, as a function to time, and the model's forward FLOPs."""
     cfg = load_config(cfg_args)
     model = build_model(cfg["model"])
     diffusion = Diffusion.from_config(cfg["diffusion"])

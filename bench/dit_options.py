@@ -22,7 +22,7 @@ from bench.cpu_recipe import forward_flops  # noqa: E402
 from config import ArgumentParser, fail, load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import autocast_dtype_for, build_model  # noqa: E402
-from train_cpu import make_optimizer, train_step  # noqa: E402
+from train_ddp import make_optimizer, train_step  # noqa: E402
 
 RECIPE = ["--config", os.path.join(ROOT, "configs", "cpu_dit_2h.yaml")]
 ALL = ["--model.skip=true", "--model.final_conv=true", "--model.stem=conv", "--model.mlp_conv=true"]
@@ -31,7 +31,7 @@ CONTENDERS = [("recipe", []), ("+skip", ALL[:1]), ("+final_conv", ALL[1:2]), ("+
 
 
 def timed_step(cfg_args, batch, dtype, compiled):
-    """One train_cpu.train_step of the configured model on random data as a function to time, its forward
+    """One train_ddp.train_step of the configured model on random data as a function to time, its forward
     FLOPs and parameters, and the seconds torch.compile took (its first steps)."""
     cfg = load_config(cfg_args)
     torch.manual_seed(0)

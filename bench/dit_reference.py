@@ -3,7 +3,7 @@ make bench, DiT section: one training step of our DiT against facebookresearch/D
 architecture and batch 64: DiT-S/4's adaLN-Zero, patch 4, hidden 384 and depth 12, with config.yaml's 8 heads
 (DiT-S has 6) on both sides, on 32x32x3 images of 10 classes. Theirs is its models.py DiT and its diffusion
 package's training_losses from create_diffusion, as its train.py builds them but with learn_sigma off (on in
-train.py), so that both sides learn the same plain eps MSE; ours is train_cpu.train_step, with plain multi-head
+train.py), so that both sides learn the same plain eps MSE; ours is train_ddp.train_step, with plain multi-head
 attention and again at config.yaml's grouped-query attention. A step is forward, loss, backward and AdamW, all
 at the precision training.precision=auto picks on this CPU; the contenders take turns round by round, and each
 reports its median.

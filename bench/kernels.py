@@ -16,7 +16,7 @@ import diffusion
 import model
 from bench.common import cpu_name, matmul_gflops, race
 from csrc import ops
-from train_cpu import make_optimizer
+from train_ddp import make_optimizer
 
 torch.manual_seed(0)
 

@@ -20,7 +20,7 @@ from bench.common import cpu_name, matmul_gflops, race  # noqa: E402
 from config import load_config  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from train_cpu import make_optimizer, train_step  # noqa: E402
+from train_ddp import make_optimizer, train_step  # noqa: E402
 
 GLOBAL_BATCH = 32  # CPU: small enough for a few timed steps of the 19M-parameter DiT in a minute or two
 REPEATS = 3
@@ -74,7 +74,7 @@ def main():
     print(f"default DiT training step | CPU: {cpu_name()}, {os.cpu_count()} cores | torch {torch.__version__}")
     one = ddp_ms(1)
     two = ddp_ms(2)
-    print(f"| processes x threads | global batch | ms/step | img/s | scaling efficiency |\n|---|---|---|---|---|")
+    print("| processes x threads | global batch | ms/step | img/s | scaling efficiency |\n|---|---|---|---|---|")
     threads = os.cpu_count() or 1
     print(f"| 1 x {threads} | {GLOBAL_BATCH} | {one:.0f} | {GLOBAL_BATCH / one * 1e3:.1f} | 1.00 |")
     print(f"| 2 x {max(1, threads // 2)} (gloo DDP) | {GLOBAL_BATCH} | {two:.0f} | {GLOBAL_BATCH / two * 1e3:.1f} "

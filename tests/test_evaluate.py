@@ -15,7 +15,7 @@ from config import load_config
 from data import load_cifar10, write_synthetic_cifar
 from diffusion import Diffusion
 from model import build_model
-from train_cpu import train_step
+from train_ddp import train_step
 
 TINY_DIT = ["--model.name=dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
             "--model.num_kv_heads=1", "--sampling.steps=2", "--sampling.batch_size=10"]

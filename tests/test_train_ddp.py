@@ -14,7 +14,7 @@ from config import load_config
 from conftest import assert_same_checkpoint_weights
 from diffusion import Diffusion
 from model import build_model
-from train_cpu import make_optimizer, train_step
+from train_ddp import make_optimizer, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2", "--model.num_kv_heads=1",

@@ -51,19 +51,25 @@ def online(host, port=443, timeout=3):
         return False
 
 
-def find_data_dir(data_dir=""):
-    """Where the data is: the given folder, else $CIFAR10_DIR, else ./data or ../shared/data. A given folder
-    may hold the python batches or images (see load_image_folder); the searched defaults are for the batches
-    only, since ./data could hold anything. When nothing is found and the machine is online, torchvision
-    downloads the batches into ./data (or the given folder)."""
+def data_dir_at_hand(data_dir=""):
+    """Where the data is, or None: the given folder, else $CIFAR10_DIR, else ./data or ../shared/data. A given
+    folder may hold the python batches or images (see load_image_folder); the searched defaults are for the
+    batches only, since ./data could hold anything."""
     chosen = data_dir or os.environ.get("CIFAR10_DIR", "")
     for candidate in [chosen] if chosen else SEARCHED:
         found = batches_dir(candidate)
         if found:
             return found
-    if chosen and holds_images(chosen):
-        return chosen
-    target = chosen or "data"
+    return chosen if chosen and holds_images(chosen) else None
+
+
+def find_data_dir(data_dir=""):
+    """data_dir_at_hand's folder; when there is none and the machine is online, torchvision downloads the
+    batches into ./data (or the given folder, or $CIFAR10_DIR's)."""
+    found = data_dir_at_hand(data_dir)
+    if found:
+        return found
+    target = data_dir or os.environ.get("CIFAR10_DIR", "") or "data"
     where = f"put there {LAYOUTS}; or pass --data.data_dir=DIR (or set CIFAR10_DIR)"
     if not online(CIFAR10_HOST):
         fail(f"no CIFAR-10 data in {target!r} and this machine is offline ({CIFAR10_HOST} does not answer): {where}")

@@ -244,11 +244,9 @@ def score(images, labels, metrics, class_names):
 def real_test_images(args):
     """CIFAR-10's test images and labels, or None where no data directory is found (a samples file scored
     on another machine)."""
-    from data import SEARCHED, batches_dir, holds_images, load_cifar10
-    chosen = args.data_dir or os.environ.get("CIFAR10_DIR", "")
-    if not any(batches_dir(c) or holds_images(c) for c in ([chosen] if chosen else SEARCHED)):
-        return None
-    return load_cifar10(chosen, "test")[:2]
+    from data import data_dir_at_hand, load_cifar10
+    found = data_dir_at_hand(args.data_dir)
+    return None if found is None else load_cifar10(found, "test")[:2]
 
 
 def real_vs_fake(images, labels, real_test, path, class_names, per_class=5):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from data import CIFAR10_CLASSES, load_cifar10, random_batches, write_synthetic_cifar
+from data import CIFAR10_CLASSES, batches_dir, data_dir_at_hand, load_cifar10, random_batches, write_synthetic_cifar
 
 
 def one_line_error(capsys, call, *args, **kwargs):
@@ -262,3 +262,15 @@ def test_an_unreadable_image_is_named(tmp_path, capsys, content):
     (tmp_path / "dog_00001.png").write_bytes(content)
     message = one_line_error(capsys, load_cifar10, str(tmp_path))
     assert "dog_00001.png" in message and "cannot read image" in message
+
+
+def test_the_data_folder_at_hand_is_found_without_downloading(tmp_path, synthetic_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so ./data and ../shared/data are this test's own
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    assert data_dir_at_hand(str(empty)) is None  # a given folder without data: nothing, and no download
+    assert data_dir_at_hand(synthetic_data) == batches_dir(synthetic_data)
+    assert os.path.abspath(data_dir_at_hand("")) == batches_dir(synthetic_data)  # ./data, where the fixture wrote it
+    monkeypatch.setenv("CIFAR10_DIR", str(empty))
+    assert data_dir_at_hand("") is None  # $CIFAR10_DIR is the one place looked at when set

@@ -104,6 +104,10 @@ def check(cfg):
              "expected prediction v or x0")
     if d["min_snr_gamma"] <= 0:
         fail(f"min_snr_gamma={d['min_snr_gamma']} must be positive")
+    betas = cfg["training"]["adam_betas"]
+    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                for b in betas)):
+        fail(f"training.adam_betas={betas!r}: expected two numbers in [0, 1), like [0.9, 0.999]")
     if d["lognormal_std"] <= 0:
         fail(f"diffusion.lognormal_std={d['lognormal_std']} must be positive")
     interval = cfg["sampling"]["guidance_interval"]

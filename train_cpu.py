@@ -231,7 +231,7 @@ def main(argv):
     torch.manual_seed(tc["seed"])
     model = build_model(cfg["model"])
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"])
+    optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"], tc["adam_betas"])
     diffusion = Diffusion.from_config(cfg["diffusion"])
     step, elapsed = 0, 0.0
     if resumed is not None:

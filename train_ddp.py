@@ -86,10 +86,10 @@ def train_step(model, diffusion, optimizer, x, y, microbatch=0, grad_clip=0.0, a
     return torch.cat(losses), t, grad_norm
 
 
-def make_optimizer(model, lr, weight_decay=0.0):
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
     """AdamW with its fused kernel: one pass over all parameters instead of a dozen small ops on each,
     much less of the optimiser's time on CPU (where PyTorch would otherwise pick the per-parameter loop)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=True)
 
 
 def compile_or_eager(model, diffusion, x, y, autocast_dtype):
@@ -332,7 +332,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
     torch.manual_seed(tc["seed"])
     model = build_model(cfg["model"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"])
+    optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"], tc["adam_betas"])
     diffusion = Diffusion.from_config(cfg["diffusion"])
     step, elapsed, best_loss = 0, 0.0, float("inf")
     torch.manual_seed(tc["seed"] + 1000 * rank)

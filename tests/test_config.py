@@ -115,6 +115,8 @@ def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     ("--model.stem=resnet", "model.stem='resnet' is not one of patch, conv"),
     ("--diffusion.timestep_sampling=logit", "diffusion.timestep_sampling='logit' is not one of uniform, lognormal"),
     ("--diffusion.lognormal_std=0", "diffusion.lognormal_std=0.0 must be positive"),
+    ("--training.adam_betas=[0.9]", "training.adam_betas=[0.9]: expected two numbers in [0, 1)"),
+    ("--training.adam_betas=[0.9,1.0]", "training.adam_betas=[0.9, 1.0]: expected two numbers in [0, 1)"),
 ])
 def test_a_bad_choice_is_a_one_line_error(capsys, arg, expected):
     assert expected in one_line_error(capsys, [arg])

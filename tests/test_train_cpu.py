@@ -316,6 +316,14 @@ def test_image_train_features_this_project_lacks_are_one_line_errors(capsys, arg
     expect_one_line_error(capsys, argv, *fragments)
 
 
+def test_adam_betas_and_weight_decay_reach_the_optimizer(tmp_path, synthetic_data):
+    main([a.format("linear") for a in SEED_COMMAND] + SMALL + [
+        "--data_dir", synthetic_data, "--max_steps", "1", "--run", "r", "--output_dir", str(tmp_path),
+        "--training.adam_betas=[0.99,0.999]", "--training.weight_decay=0.03", "--grid_per_class=0"])
+    group = torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=False)["optimizer"]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.99, 0.999) and group["weight_decay"] == 0.03
+
+
 def test_flags_taken_only_to_be_ignored_say_so_in_one_line_each(capsys):
     # a bad override after them stops the run before any training, once the flags have been read
     with pytest.raises(SystemExit):

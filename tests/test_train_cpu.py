@@ -1,5 +1,6 @@
 import copy
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import torch
 
 from config import load_config
 from conftest import assert_same_checkpoint_weights
+from data import write_synthetic_cifar
 from diffusion import Diffusion, get_beta_schedule
 from model import build_model
 import train_cpu
@@ -322,6 +324,28 @@ def test_adam_betas_and_weight_decay_reach_the_optimizer(tmp_path, synthetic_dat
         "--training.adam_betas=[0.99,0.999]", "--training.weight_decay=0.03", "--grid_per_class=0"])
     group = torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=False)["optimizer"]["param_groups"][0]
     assert tuple(group["betas"]) == (0.99, 0.999) and group["weight_decay"] == 0.03
+
+
+@pytest.mark.slow
+def test_the_cpu_recipes_train_the_same_losses_as_before(tmp_path):
+    """tests/fixtures/train_cpu_losses.json holds each recipe's first steps as train_cpu.py's own loop trained
+    them: the same command must give the same losses and gradient norms, whatever shape the loop takes. The
+    tolerance allows another CPU's float rounding, far below what another batch order or noise draw gives."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
+    try:
+        import make_train_cpu_losses as fixture
+    finally:
+        sys.path.pop(0)
+    with open(os.path.join(ROOT, "tests", "fixtures", "train_cpu_losses.json")) as f:
+        expected = json.load(f)["losses"]
+    data = write_synthetic_cifar(str(tmp_path / "data"), num_train=40, num_test=10)
+    for preset in fixture.SHRINK:
+        main(fixture.command(preset, data, str(tmp_path / "outputs")))
+        got = fixture.losses(str(tmp_path / "outputs"), preset)
+        assert [row["step"] for row in got] == [row["step"] for row in expected[preset]] == list(range(1, 7))
+        for row, want in zip(got, expected[preset]):
+            assert row["loss"] == pytest.approx(want["loss"], rel=1e-4), (preset, row["step"])
+            assert row["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (preset, row["step"])
 
 
 def test_flags_taken_only_to_be_ignored_say_so_in_one_line_each(capsys):

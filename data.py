@@ -279,19 +279,21 @@ def to_uint8(images):
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> [0, 255]
 
 
-def random_batches(images, labels, batch_size, generator, random_flip=True, indices=None):
-    """One epoch of (x in [-1, 1], y) batches over `indices` (default: all), shuffled with `generator`,
-    which must live on the images' device. The last partial batch is dropped so every step has the same
-    shape (one compiled graph, comparable step times)."""
+def random_batches(images, labels, batch_size, generator, random_flip=True, rank=0, world_size=1):
+    """One epoch of (x in [-1, 1], y) batches, shuffled with `generator`, which must live on the images'
+    device. Each of world_size processes, given the same generator state, takes its own batch_size images
+    (rank's share) of every global batch of batch_size x world_size: the global batches are the same whatever
+    the number of processes, and one process's are those of a plain one-process run. The last partial
+    global batch is dropped so every step has the same shape (one compiled graph, comparable step times)."""
     device = images.device
-    if indices is None:
-        indices = torch.arange(len(images), device=device)
-    order = indices[torch.randperm(len(indices), device=device, generator=generator)]
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-        idx = order[start:start + batch_size]
+    order = torch.randperm(len(images), device=device, generator=generator)
+    global_batch = batch_size * world_size
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    for start in range(0, len(order) - global_batch + 1, global_batch):
+        idx = order[start:start + global_batch][mine]
         x = to_model_range(images[idx])
         if random_flip:
-            flip = torch.rand(batch_size, device=device, generator=generator) < 0.5
+            flip = (torch.rand(global_batch, device=device, generator=generator) < 0.5)[mine]
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         yield x, labels[idx]
 

@@ -29,7 +29,6 @@ import time
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from checkpoint import (RunFolderTaken, UnreadableCheckpoint, claim_run_folder, newest_checkpoint, read_checkpoint,
@@ -320,9 +319,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
         fail_together(f"the data has {len(class_names)} classes but model.num_classes={cfg['model']['num_classes']}")
     images, labels = images.to(device), labels.to(device)
     batch_size = tc["batch_size"]
-    sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"],
-                                 drop_last=True)
-    steps_per_epoch = len(sampler) // batch_size
+    steps_per_epoch = len(images) // (batch_size * world_size)
     if steps_per_epoch == 0:
         fail_together(f"batch_size={batch_size} x {world_size} processes is more than the {len(images)} training images")
 
@@ -335,7 +332,8 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
     optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"], tc["adam_betas"])
     diffusion = Diffusion.from_config(cfg["diffusion"])
     step, elapsed, best_loss = 0, 0.0, float("inf")
-    torch.manual_seed(tc["seed"] + 1000 * rank)
+    if rank:  # rank 0 goes on from the weights' draws, as a one-process run does
+        torch.manual_seed(tc["seed"] + 1000 * rank)
     if resumed is not None:
         try:
             model.load_state_dict(resumed["model"])
@@ -438,10 +436,10 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
     finished = step >= max_steps
     while not finished:
         epoch, position = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        shard = torch.tensor(list(sampler), device=device)
-        generator.manual_seed(tc["seed"] * 100003 + epoch * 1009 + rank)  # order and flips depend on (epoch, rank)
-        batches = random_batches(images, labels, batch_size, generator, cfg["data"]["random_flip"], indices=shard)
+        # the same order on every rank, each taking its share of every global batch; it depends on the epoch
+        # alone, so a resumed run finds the batch it stopped before, and one process trains train_cpu.py's batches
+        generator.manual_seed(tc["seed"] * 100003 + epoch)
+        batches = random_batches(images, labels, batch_size, generator, cfg["data"]["random_flip"], rank, world_size)
         for _ in range(position):  # a resumed run skips to the batch it stopped before
             next(batches)
         loss_sum, loss_count, steps_run, epoch_seconds, data_seconds = torch.zeros((), device=device), 0, 0, 0.0, 0.0

@@ -85,6 +85,23 @@ def test_batches_have_the_written_train_and_test_counts(tmp_path):
     assert torch.bincount(train_labels).tolist() == [9, 8, 8, 8]
 
 
+@pytest.mark.parametrize("world_size, batch_size", [(2, 4), (3, 3), (4, 1), (5, 2)])
+def test_the_ranks_batches_make_up_the_one_process_batches(synthetic_data, world_size, batch_size):
+    """Given one generator state, ranks 0..world_size-1 each take their share of every global batch: side by
+    side they are the batches of one process at world_size times the batch, flips included, and no image
+    appears twice in an epoch. The last partial global batch is dropped on every rank alike."""
+    images, labels, _ = load_cifar10(synthetic_data)  # 40 images: odd sizes leave a partial global batch
+    one = list(random_batches(images, labels, batch_size * world_size, torch.Generator().manual_seed(3)))
+    ranks = [list(random_batches(images, labels, batch_size, torch.Generator().manual_seed(3), True, rank, world_size))
+             for rank in range(world_size)]
+    assert len(one) == len(images) // (batch_size * world_size) and all(len(r) == len(one) for r in ranks)
+    for step, (x, y) in enumerate(one):
+        assert torch.equal(torch.cat([r[step][0] for r in ranks]), x)
+        assert torch.equal(torch.cat([r[step][1] for r in ranks]), y)
+    seen = torch.cat([x for r in ranks for x, _ in r]).flatten(1)
+    assert len(torch.unique(seen, dim=0)) == len(seen)  # the synthetic images are all different
+
+
 def test_random_flip_mirrors_horizontally_and_keeps_labels(synthetic_data):
     images, labels, _ = load_cifar10(synthetic_data)
     plain = list(random_batches(images, labels, 8, torch.Generator().manual_seed(1), random_flip=False))

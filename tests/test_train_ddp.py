@@ -95,6 +95,25 @@ def test_ranks_leave_without_the_interpreters_shutdown_after_running_the_exit_ha
 
 
 @pytest.mark.slow
+def test_one_process_trains_the_same_weights_as_train_cpu(tmp_path, synthetic_data):
+    """The same configuration in both scripts: the same batches, flips, timesteps and noise, so the same
+    weights bit for bit (one thread each, fp32, eager)."""
+    settings = TINY + [f"--data.data_dir={synthetic_data}", "--training.max_steps=7", "--diffusion.prediction=v",
+                       "--diffusion.loss_weighting=min_snr", "--training.grad_clip=1.0"]
+    train(*settings, f"--training.checkpoint_dir={tmp_path / 'model'}", f"--training.output_dir={tmp_path / 'outputs'}")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_cpu.py"), "--model", "dit", "--threads", "1",
+                             "--grid_per_class", "0", "--run", "cpu", "--output_dir", str(tmp_path), *settings],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = torch.load(tmp_path / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+    cpu = torch.load(tmp_path / "cpu" / "checkpoint.pth", weights_only=False)
+    assert ddp["step"] == cpu["step"] == 7
+    for section in ("model", "diffusion"):
+        assert ddp["config"][section] == cpu["config"][section], section
+    assert_same_checkpoint_weights(ddp, cpu)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [PYTHON, TORCHRUN], ids=["one process", "two processes"])
 def test_resume_continues_exactly(tmp_path, synthetic_data, launcher):
     straight, split = tmp_path / "straight", tmp_path / "split"

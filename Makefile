@@ -18,7 +18,7 @@ ARGS ?=
 # the CPU recipe's config; on a GPU machine train_ddp.py reads config.yaml unless CONFIG is given
 CONFIG ?= configs/cpu_2h.yaml
 # what make train wrote last: train_ddp.py's latest or best model, or the newest run of the CPU recipe
-CHECKPOINT ?= $(or $(shell ls -t model/cifar10_dit_ckpt.pth model/best_model.pth outputs/*/checkpoint.pth 2>/dev/null \
+CHECKPOINT ?= $(or $(shell ls -t model/checkpoint.pth model/cifar10_dit_ckpt.pth model/best_model.pth outputs/*/checkpoint.pth 2>/dev/null \
                 | head -n 1),model/best_model.pth)
 NUM_SAMPLES ?= 5000
 PYTEST_ARGS ?=

@@ -50,7 +50,7 @@ def save_checkpoint(state, path):
 
 
 def temporary_prefix(name):
-    return f".{name}.tmp-"  # then the writer's pid: .cifar10_dit_ckpt.pth.tmp-4242-k3j9x2a1
+    return f".{name}.tmp-"  # then the writer's pid: .checkpoint.pth.tmp-4242-k3j9x2a1
 
 
 STARTED = time.time()  # no file this process writes is older

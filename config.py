@@ -104,6 +104,13 @@ def check(cfg):
              "expected prediction v or x0")
     if d["min_snr_gamma"] <= 0:
         fail(f"min_snr_gamma={d['min_snr_gamma']} must be positive")
+    t = cfg["training"]
+    for name, least in (("log_interval", 1), ("save_interval", 1), ("microbatch", 0), ("threads", 0),
+                        ("grid_per_class", 0)):
+        if not isinstance(t[name], int) or t[name] < least:
+            fail(f"training.{name}={t[name]!r}: expected a whole number of at least {least}")
+    if t["microbatch"] and t["batch_size"] % t["microbatch"]:
+        fail(f"training.batch_size={t['batch_size']} is not divisible by training.microbatch={t['microbatch']}")
     betas = cfg["training"]["adam_betas"]
     if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
                                                                 for b in betas)):

@@ -329,7 +329,8 @@ def save_grid(images, path, nrow, row_labels=None, title=None):
 
 
 def plot_curves(csv_path, png_path, x_key, y_keys, title, log_y=True):
-    """Line plot of columns y_keys against x_key from a CSV with a header row."""
+    """Line plot of columns y_keys against x_key from a CSV with a header row; an empty cell (a row written before
+    its column existed) is a gap."""
     import csv
     import matplotlib
     matplotlib.use("Agg")
@@ -341,7 +342,8 @@ def plot_curves(csv_path, png_path, x_key, y_keys, title, log_y=True):
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     xs = [float(r[x_key]) for r in rows]
     for key in y_keys:
-        ax.plot(xs, [float(r[key]) for r in rows], label=key, marker="." if len(rows) < 30 else None)
+        ax.plot(xs, [float(r[key]) if r.get(key) else float("nan") for r in rows], label=key,
+                marker="." if len(rows) < 30 else None)
     ax.set_xlabel(x_key)
     if log_y:
         ax.set_yscale("log")

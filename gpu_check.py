@@ -283,8 +283,9 @@ def stage_resume(plan, out, deadline):
            *plan["model"], f"--data.data_dir={data}", f"--training.checkpoint_dir={run}/model",
            f"--training.output_dir={run}/outputs", f"--training.batch_size={plan['train_batch']}",
            f"--training.max_steps={plan['total_steps']}", "--training.warmup_steps=20", "--training.log_interval=10",
+           f"--training.save_interval={plan['steps_per_epoch']}",  # a checkpoint and a log row an epoch
            "--sampling.steps=5", "--training.compile=false"]  # preemption and resume, not speed: no compile twice
-    checkpoint = os.path.join(run, "model", "cifar10_dit_ckpt.pth")
+    checkpoint = os.path.join(run, "model", "checkpoint.pth")
     log_csv = os.path.join(run, "outputs", "training_log.csv")
     result = {"processes": nproc, "backend": "nccl" if nproc > 1 else "none (one process)"}
     print(f"$ {' '.join(cmd)}  # then SIGTERM to torchrun after the first epoch", flush=True)
@@ -323,7 +324,7 @@ def stage_resume(plan, out, deadline):
     result["lines"] = [f"torchrun, {nproc} process(es), backend {result['backend']}, {plan['total_steps']} steps of "
                        f"{plan['train_batch']} per process, SIGTERM after the first epoch, then --resume auto", ""] + \
         [f"- [{'x' if passed else ' '}] {name}" for name, passed in checks.items()] + \
-        ["", "| step | epoch loss |", "|---|---|"] + [f"| {step}{' (SIGTERM)' if step == stopped else ''} | {loss} |"
+        ["", "| step | loss |", "|---|---|"] + [f"| {step}{' (SIGTERM)' if step == stopped else ''} | {loss} |"
                                                     for step, loss in losses.items()]
     return ok, result
 

@@ -11,33 +11,19 @@ values the first is kept. A flag asking for what this project lacks (--learn_sig
 is a one-line error saying so. Unlike image_train.py, a run without --class_cond is class-conditional.
 
 Besides: --model dit (the DiT of config.yaml), --max_steps, --resume and any config override
---section.key=value. A run writes everything to outputs/<run>/: metrics.csv (a row every save_interval
-steps), checkpoint.pth (atomic), loss.png and samples.png at the end or on Ctrl-C.
-
-The training step, its schedules and the metrics file are train_ddp.py's: one definition of each.
+--section.key=value. The flags become a config, and train_ddp.main trains it: this file is a command line,
+the training is train_ddp.py's. A run writes everything to outputs/<run>/: checkpoint.pth (atomic) and a
+row of training_log.csv every save_interval steps, best_model.pth, and at the end training_loss.png,
+sample_grid.png and timestep_grid_10x10.png (the grids not after Ctrl-C or SIGTERM, which save and leave).
 """
 import argparse
-import copy
-import csv
-import math
 import os
-import signal
 import sys
 import time
 
-import torch
-from tqdm import tqdm
-
-from checkpoint import (RunFolderTaken, claim_run_folder, load_checkpoint, release_run_folder, rng_state,
-                        save_checkpoint, set_rng_state)
+import train_ddp
+from checkpoint import load_checkpoint
 from config import ArgumentParser, fail, load_config, read_yaml
-from csrc import KERNELS_PATH
-from data import load_cifar10, plot_curves, random_batches, to_model_range
-from diffusion import Diffusion
-from model import autocast_dtype_for, build_model, model_summary, update_ema
-from sample import save_class_grid
-from train_ddp import (QUARTERS, compile_or_eager, ema_rate_at, lr_at, make_optimizer, restart_metrics,
-                       train_step)
 
 # -----------------------------------------------------------------------------
 # command line: every flag of improved-diffusion's scripts/image_train.py, mapped onto config.yaml
@@ -153,7 +139,10 @@ def build_config(args, overrides, base=None):
              "training.max_steps": args.max_steps, "model.unet_num_heads": args.num_heads,
              "model.dropout": args.dropout, "training.weight_decay": args.weight_decay,
              "training.ema_rate": rate, "training.seed": args.seed, "training.max_minutes": args.max_minutes,
-             "training.save_interval": args.save_interval,
+             # improved-diffusion saves every 10,000 steps, unless told or the preset says otherwise
+             "training.save_interval": args.save_interval or (None if named_training("save_interval") else 10000),
+             "training.log_interval": args.log_interval, "training.grid_per_class": args.grid_per_class,
+             "training.threads": args.threads, "training.microbatch": args.microbatch if args.microbatch > 0 else None,
              "training.precision": "bf16" if args.bf16 or args.use_fp16 else None,
              # image_train.py does not compile: config.yaml's default (for GPUs) applies only through a preset
              "training.compile": True if args.compile else (None if named_training("compile") else False),
@@ -163,6 +152,19 @@ def build_config(args, overrides, base=None):
              "sampling.variance": None if args.sigma_small is None else ("small" if args.sigma_small else "large"),
              "model.attention_resolutions": None if args.attention_resolutions is None
              else f"[{args.attention_resolutions}]"}
+    # the flags' own checks first, so their errors name the flags
+    if args.log_interval < 1:
+        fail(f"--log_interval={args.log_interval} must be at least 1")
+    if args.save_interval is not None and args.save_interval < 1:
+        fail(f"--save_interval={args.save_interval} must be at least 1")
+    if args.grid_per_class < 0:
+        fail(f"--grid_per_class={args.grid_per_class}: expected 0 (no grid) or more samples per class")
+    if args.microbatch == 0 or args.microbatch < -1:
+        fail(f"--microbatch={args.microbatch}: expected -1 (off) or a positive size")
+    if args.microbatch > 0 and args.batch_size and args.batch_size % args.microbatch:
+        fail(f"--batch_size={args.batch_size} is not divisible by --microbatch={args.microbatch}")
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads={args.threads} must be at least 1")
     given = [f"--{key}={value}" for key, value in flags.items() if value is not None]
     config_args = (["--config", args.config] if args.config else []) + given + overrides
     cfg = load_config(config_args, base=base)
@@ -175,19 +177,6 @@ def build_config(args, overrides, base=None):
     if args.rescale_timesteps and num_steps != 1000:
         fail(f"--rescale_timesteps True is not supported at --diffusion_steps {num_steps}: the model sees the step "
              f"index 0..{num_steps - 1}, not rescaled to 0..1000")
-    if args.log_interval < 1:
-        fail(f"--log_interval={args.log_interval} must be at least 1")
-    if cfg["training"]["save_interval"] < 1:
-        fail(f"--save_interval={cfg['training']['save_interval']} must be at least 1")
-    if args.grid_per_class < 0:
-        fail(f"--grid_per_class={args.grid_per_class}: expected 0 (no grid) or more samples per class")
-    B, mb = cfg["training"]["batch_size"], args.microbatch
-    if mb == 0 or mb < -1:
-        fail(f"--microbatch={mb}: expected -1 (off) or a positive size")
-    if mb > 0 and B % mb:
-        fail(f"--batch_size={B} is not divisible by --microbatch={mb}")
-    if args.threads is not None and args.threads < 1:
-        fail(f"--threads={args.threads} must be at least 1")
     return cfg
 
 
@@ -203,165 +192,18 @@ def main(argv):
     for name, why in IGNORED.items():
         if getattr(args, name) is not None:
             print(f"note: --{name} is ignored: {why}")
-
     resumed = load_checkpoint(args.resume) if args.resume else None
     cfg = build_config(args, overrides, base=resumed["config"] if resumed else None)
-    tc = cfg["training"]
-    torch.set_num_threads(args.threads or os.cpu_count())
-    if args.resume:  # a resumed run goes on in its checkpoint's folder, beside its metrics.csv
+    if args.resume:  # a resumed run goes on in its checkpoint's folder, beside its training_log.csv
         run_dir = os.path.dirname(os.path.abspath(args.resume))
     else:
         run_dir = os.path.join(args.output_dir, args.run or f"{cfg['model']['name']}-"
                                f"{cfg['diffusion']['noise_schedule']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run = os.path.basename(run_dir)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pth")
-    try:
-        lock = claim_run_folder(run_dir, [checkpoint_path], resuming=resumed is not None, overwrite=args.overwrite,
-                         ways_on=f"--resume {checkpoint_path} continues it, another --run (or --output_dir) "
-                                 f"starts a new one, --overwrite trains over it")
-    except RunFolderTaken as e:
-        fail(str(e))
-
-    # data: one uint8 tensor in memory; batches are cut from it in the training thread, so no loader
-    # worker competes with the two cores that do the maths
-    images, labels, class_names = load_cifar10(cfg["data"]["data_dir"], "train", image_size=cfg["model"]["image_size"])
-    if len(class_names) > cfg["model"]["num_classes"]:
-        fail(f"the data has {len(class_names)} classes but model.num_classes={cfg['model']['num_classes']}")
-
-    torch.manual_seed(tc["seed"])
-    model = build_model(cfg["model"])
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = make_optimizer(model, tc["learning_rate"], tc["weight_decay"], tc["adam_betas"])
-    diffusion = Diffusion.from_config(cfg["diffusion"])
-    step, elapsed = 0, 0.0
-    if resumed is not None:
-        try:
-            model.load_state_dict(resumed["model"])
-        except RuntimeError:
-            fail(f"--resume {args.resume}: its weights do not fit the model the given flags describe; "
-                 f"leave out flags that change the architecture")
-        ema.load_state_dict(resumed["ema"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        step, elapsed = resumed["step"], resumed.get("elapsed", 0.0)
-        set_rng_state(resumed["rng"])
-    autocast_dtype = autocast_dtype_for(tc["precision"], torch.device("cpu"))
-    batch_size = tc["batch_size"]
-    forward = model
-    if tc["compile"]:
-        chunk = args.microbatch if 0 < args.microbatch < batch_size else batch_size  # the shape the steps see
-        forward = compile_or_eager(model, diffusion, to_model_range(images[:chunk]), labels[:chunk], autocast_dtype)
-    steps_per_epoch = len(images) // batch_size
-    if steps_per_epoch == 0:
-        fail(f"batch_size={batch_size} is larger than the {len(images)} training images")
-    max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
-    print(model_summary(model, cfg["model"]))
-    conditioning = "unconditional" if cfg["model"]["class_dropout"] >= 1 else f"{len(class_names)} classes"
-    print(f"run {run_dir} | {len(images)} images, {conditioning} | batch {batch_size}, microbatch "
-          f"{args.microbatch} | {torch.get_num_threads()} threads | "
-          f"{'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "
-          f"kernels: {KERNELS_PATH} | steps {step} -> {max_steps}")
-
-    # Ctrl-C or SIGTERM asks the loop to stop after the current step, which then saves before exiting,
-    # so an interrupt can never land between a half-updated model and its checkpoint
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        if stop["requested"]:
-            if signum == signal.SIGINT:  # a second Ctrl-C: a person who will not wait
-                raise KeyboardInterrupt
-            return  # a repeated SIGTERM (a scheduler's) must not break the save the first one asked for
-        stop["requested"] = True
-        tqdm.write(f"signal {signum}: finishing this step, saving, then exiting (Ctrl-C again to abort)")
-
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    metrics_path = os.path.join(run_dir, "metrics.csv")
-    columns = ["step", "images", "loss", "grad_norm"] + QUARTERS + ["images_per_s", "elapsed_s"]
-    restart_metrics(metrics_path, columns, step if resumed is not None else None)
-
-    def save():
-        save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "step": step, "epoch": step // steps_per_epoch, "elapsed": elapsed, "config": cfg,
-                         "class_names": class_names, "rng": rng_state()}, checkpoint_path)
-
-    def new_window():
-        return {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "images": 0, "seconds": 0.0,
-                "quarter_sum": torch.zeros(4, dtype=torch.float64), "quarter_count": torch.zeros(4, dtype=torch.float64)}
-
-    def summary(window):
-        n = max(window["steps"], 1)
-        quarters = (window["quarter_sum"] / window["quarter_count"].clamp(min=1)).tolist()
-        return {"step": step, "images": step * batch_size, "loss": window["loss"] / n,
-                "grad_norm": window["grad_norm"] / n, **dict(zip(QUARTERS, quarters)),
-                "images_per_s": window["images"] / max(window["seconds"], 1e-9), "elapsed_s": elapsed}
-
-    log_window, save_window = new_window(), new_window()
-    generator = torch.Generator()
-    model.train()
-    # a time-limited run has no meaningful step total; the bar then shows steps and their rate
-    bar = tqdm(total=None if tc["max_minutes"] and not tc["max_steps"] else max_steps, initial=step, desc="training",
-               unit="step", dynamic_ncols=True)
-    while step < max_steps and not stop["requested"]:
-        epoch, position = divmod(step, steps_per_epoch)
-        generator.manual_seed(tc["seed"] * 100003 + epoch)  # each epoch's order depends on the epoch alone,
-        batches = random_batches(images, labels, batch_size, generator, cfg["data"]["random_flip"])
-        for _ in range(position):  # ... so a resumed run skips to the same batch it stopped before
-            next(batches)
-        for x, y in batches:
-            started = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tc)
-            losses, t, grad_norm = train_step(forward, diffusion, optimizer, x, y, args.microbatch, tc["grad_clip"],
-                                              autocast_dtype)
-            loss = losses.mean().item()
-            if not math.isfinite(loss) or not torch.isfinite(grad_norm):
-                bar.close()  # so the error starts its own line
-                fail(f"loss={loss}, grad_norm={grad_norm.item()} at step {step}: stopping; the last good "
-                     f"checkpoint {checkpoint_path} is untouched (try a lower --lr)")
-            update_ema(ema, model, ema_rate_at(step, tc["ema_rate"]))
-            step += 1
-            seconds = time.perf_counter() - started
-            elapsed += seconds
-            quarter = (t * 4 // diffusion.num_steps).clamp(max=3)
-            for window in (log_window, save_window):
-                window["loss"] += loss
-                window["grad_norm"] += grad_norm.item()
-                window["steps"] += 1
-                window["images"] += batch_size
-                window["seconds"] += seconds
-                window["quarter_sum"].index_add_(0, quarter, losses.double())
-                window["quarter_count"].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float64))
-            bar.update(1)
-            if step % args.log_interval == 0:
-                row = summary(log_window)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
-                tqdm.write(" | ".join([f"step {step}"] + [f"{k} {row[k]:.4f}" for k in ["loss", "grad_norm"]
-                                                           + QUARTERS] + [f"{row['images_per_s']:.1f} img/s"]))
-                log_window = new_window()
-            out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
-            if step % tc["save_interval"] == 0 or step >= max_steps or out_of_time or stop["requested"]:
-                if save_window["steps"]:
-                    with open(metrics_path, "a", newline="") as f:
-                        csv.writer(f).writerow([summary(save_window)[c] for c in columns])
-                    save_window = new_window()
-                save()
-            if step >= max_steps or out_of_time or stop["requested"]:
-                stop["requested"] = True
-                break
-    bar.close()
-
-    plot_curves(metrics_path, os.path.join(run_dir, "loss.png"), "step", ["loss"] + QUARTERS,
-                f"{run}: training loss ({elapsed / 60:.1f} min, {step * batch_size / max(elapsed, 1e-9):.1f} img/s)")
-    written = [checkpoint_path, metrics_path, os.path.join(run_dir, "loss.png")]
-    if args.grid_per_class:
-        written.append(os.path.join(run_dir, "samples.png"))
-        save_class_grid(ema, cfg, class_names, written[-1], per_class=args.grid_per_class, progress=True)
-    print(f"step {step} | {elapsed / 60:.1f} min of training | wrote {', '.join(written)}")
-    release_run_folder(lock)
-    # only now the caller's handlers again (a test's, or the default): a repeated SIGTERM while the run plots
-    # and draws its grid must not kill it halfway
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
+    # one folder a run: its checkpoints, its log and its pictures
+    cfg["training"]["checkpoint_dir"] = cfg["training"]["output_dir"] = run_dir
+    train_ddp.main(cfg, resume=args.resume, overwrite=args.overwrite,
+                   ways_on=f"--resume {os.path.join(run_dir, 'checkpoint.pth')} continues it, another --run (or "
+                           f"--output_dir) starts a new one, --overwrite trains over it")
 
 
 if __name__ == "__main__":

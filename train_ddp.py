@@ -6,11 +6,12 @@ The main training script. The same file runs on one CPU, one GPU, many GPUs and 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_ddp.py
     torchrun --nproc_per_node=8 --max-restarts=3 train_ddp.py --resume auto   # survives preemption
 
-Every config value is an option (--section.key=value). Rank 0 alone writes: model/cifar10_dit_ckpt.pth
-every save_every epochs, model/best_model.pth (weights alone) when the epoch loss improves, model/checkpoint_epoch_{N}.pth
-at training.checkpoint_epochs, outputs/training_log.csv and training_loss.png, and at the end
-outputs/sample_grid.png and outputs/timestep_grid_10x10.png from the EMA weights. --resume auto continues
-from whichever of those checkpoints holds the most steps and can be read (none: a fresh start).
+Every config value is an option (--section.key=value). Rank 0 alone writes: model/checkpoint.pth and a row of
+outputs/training_log.csv every save_interval steps, model/best_model.pth (weights alone) when an epoch's loss
+improves, model/checkpoint_epoch_{N}.pth at training.checkpoint_epochs, and at the end
+outputs/training_loss.png, outputs/sample_grid.png and outputs/timestep_grid_10x10.png from the EMA weights.
+--resume auto continues from whichever of those checkpoints holds the most steps and can be read (none: a
+fresh start). train_cpu.py is this stage under improved-diffusion's command line.
 
 Read top to bottom: the training step and its schedules (train_cpu.py and bench/ use them too), how a
 distributed run leaves, then main in its stages (processes, run folder, resume, data, model, preemption, the
@@ -22,6 +23,7 @@ import copy
 import csv
 import glob
 import os
+import shutil
 import signal
 import sys
 import time
@@ -32,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import (RunFolderTaken, UnreadableCheckpoint, claim_run_folder, newest_checkpoint, read_checkpoint,
-                        rng_state, save_checkpoint, set_rng_state)
+                        release_run_folder, rng_state, save_checkpoint, set_rng_state)
 from config import fail, load_config
 from csrc import KERNELS_PATH
 from data import load_cifar10, plot_curves, random_batches, to_model_range
@@ -113,7 +115,7 @@ def compile_or_eager(model, diffusion, x, y, autocast_dtype):
 
 
 def restart_metrics(path, columns, step=None):
-    """metrics.csv with its header and, for a run resumed at step, its rows up to that step: rows past the
+    """The training log with its header and, for a run resumed at step, its rows up to that step: rows past the
     checkpoint (written before a crash that lost their checkpoint) are trained again, so they go. A new run
     (step None) starts an empty file. Replaced atomically, so an interrupt leaves the old file."""
     rows = []
@@ -166,15 +168,19 @@ def fail_together(message):
 # the training stage
 
 
-def main(cfg, resume=None, overwrite=False, overrides=None):
+def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
     """Train as cfg says, in this process and, under torchrun, with its peers. resume: a checkpoint path,
     "auto" (the readable one with the most steps in checkpoint_dir, or a fresh start) or None. overwrite: start
     afresh over a run's checkpoints. overrides (--section.key=value) are applied again on top of a resumed
-    checkpoint's own config; without them the checkpoint's config is taken as cfg gives it."""
+    checkpoint's own config; without them the checkpoint's config is taken as cfg gives it. ways_on: what the
+    refusal to start afresh over a run suggests (the caller's own flags)."""
     tc = cfg["training"]
     ckpt_dir, out_dir = tc["checkpoint_dir"], tc["output_dir"]
-    latest_path = os.path.join(ckpt_dir, "cifar10_dit_ckpt.pth")
+    latest_path = os.path.join(ckpt_dir, "checkpoint.pth")
+    before_path = os.path.join(ckpt_dir, "cifar10_dit_ckpt.pth")  # the latest checkpoint's name until it had this one
     best_path = os.path.join(ckpt_dir, "best_model.pth")
+    ways_on = ways_on or ("--resume auto continues it, another training.checkpoint_dir (and training.output_dir) "
+                          "starts a new one, --overwrite trains over it")
 
     # -----------------------------------------------------------------------------
     # distributed setup from torchrun's environment; plain python is a world of one
@@ -213,29 +219,27 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins; else the cores are shared out
+        if tc["threads"]:
+            torch.set_num_threads(tc["threads"])
+        elif "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins; else the cores are shared out
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
 
     def log(message):
         if master:
             tqdm.write(message)
 
-
-
-
     # -----------------------------------------------------------------------------
     # one job per run: rank 0 locks the checkpoint and output folders for the group, and a fresh start stops
     # rather than replace the checkpoints of a run already there (a repeated command, a retried job)
 
-    taken = [""]
+    taken, locks = [""], []
     if master:
-        held = [latest_path, best_path, *glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth"))]
+        held = [latest_path, before_path, best_path, *glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth"))]
+        folders = [(ckpt_dir, held)] + ([(out_dir, [])] if os.path.abspath(out_dir) != os.path.abspath(ckpt_dir) else [])
         try:
-            for folder, checkpoints in ((ckpt_dir, held), (out_dir, [])):
-                claim_run_folder(folder, checkpoints, resuming=resume is not None, overwrite=overwrite,
-                                 ways_on="--resume auto continues it, another training.checkpoint_dir (and "
-                                         "training.output_dir) starts a new one, --overwrite trains over it")
+            for folder, checkpoints in folders:
+                locks.append(claim_run_folder(folder, checkpoints, resuming=resume is not None, overwrite=overwrite,
+                                              ways_on=ways_on))
         except RunFolderTaken as e:
             taken[0] = str(e)
     if distributed:
@@ -252,7 +256,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
         if master:  # the file with the most steps that can be read, so a corrupt newest one costs only its steps
             epoch_paths = sorted(glob.glob(os.path.join(ckpt_dir, "checkpoint_epoch_*.pth")))
             try:
-                choice[0] = newest_checkpoint([latest_path, best_path, *epoch_paths])[0]
+                choice[0] = newest_checkpoint([latest_path, before_path, best_path, *epoch_paths])[0]
             except UnreadableCheckpoint as e:
                 choice[1] = f"--resume auto: {e}"
         if distributed:
@@ -352,17 +356,21 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
     # UNet has none), and the broadcast is a collective each step that waits for rank 0
     forward = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                       broadcast_buffers=False) if distributed else model
+    no_sync = forward.no_sync if distributed else None  # micro-batches reduce their gradients once, at the last
+    chunk = tc["microbatch"] if 0 < tc["microbatch"] < batch_size else batch_size  # the shape the steps see
     if tc["compile"]:
         # DDP first, then compile, as PyTorch's DDP notes say: DDPOptimizer then splits the graph at DDP's gradient
         # buckets, so each bucket's all-reduce overlaps the rest of the backward pass (compiled inside DDP, the
         # backward is one graph, and every all-reduce waits for its end). Checkpoints save model, unwrapped. The
         # compile happens on a trial step whose random draws are undone; where it fails, one line and eager.
-        forward = compile_or_eager(forward, diffusion, to_model_range(images[:batch_size]), labels[:batch_size],
-                                   autocast_dtype)
+        forward = compile_or_eager(forward, diffusion, to_model_range(images[:chunk]), labels[:chunk], autocast_dtype)
     max_steps = tc["max_steps"] or tc["num_epochs"] * steps_per_epoch
-    log(f"{world_size} process(es) on {device.type} | batch {batch_size} per process, {batch_size * world_size} in all | "
-        f"{steps_per_epoch} steps/epoch | {'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | "
-        f"kernels: {KERNELS_PATH} | data loaded in {time.time() - data_started:.1f} s | step {step} -> {max_steps}")
+    conditioning = "unconditional" if cfg["model"]["class_dropout"] >= 1 else f"{len(class_names)} classes"
+    log(f"{world_size} process(es) on {device.type} | {len(images)} images, {conditioning} | batch {batch_size} per "
+        f"process, {batch_size * world_size} in all, microbatch {tc['microbatch'] or 'off'} | {steps_per_epoch} "
+        f"steps/epoch | {torch.get_num_threads() if device.type == 'cpu' else 'GPU'} threads | "
+        f"{'bf16 autocast' if autocast_dtype else 'fp32'} (precision {tc['precision']}) | kernels: {KERNELS_PATH} | "
+        f"data loaded in {time.time() - data_started:.1f} s | {ckpt_dir}/ | step {step} -> {max_steps}")
 
     # -----------------------------------------------------------------------------
     # preemption: SIGTERM or Ctrl-C finishes the step, saves, and exits cleanly; all ranks agree to stop. A non-finite
@@ -370,25 +378,24 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
     # finish its queue, so on a GPU it happens every log_interval steps (a signal stops the run within that many),
     # on a CPU, where waiting costs nothing, every step.
 
-    stop_requested = False
-
+    stop_requested = stopped_by_scheduler = False
 
     def request_stop(signum, frame):
         """A second Ctrl-C aborts at once (a person who will not wait); a second SIGTERM changes nothing, since
         schedulers send it again (SLURM signals every process, and torchrun passes its own on) while the save
         the first one asked for may be inside a collective."""
-        nonlocal stop_requested
-        if stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop_requested = True
+        nonlocal stop_requested, stopped_by_scheduler
+        if stop_requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        stop_requested, stopped_by_scheduler = True, signum == signal.SIGTERM
+        if master:
+            tqdm.write(f"signal {signum}: finishing this step, saving, then exiting (Ctrl-C again to abort)")
 
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     check_every = tc["log_interval"] if device.type == "cuda" else 1
-
 
     def check_together(stop, nonfinite):
         """(whether any rank stops, the most non-finite steps any rank counted): decided together, or the ranks
@@ -398,7 +405,6 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, nonfinite = flags.tolist()
         return stop > 0, int(nonfinite)
-
 
     def save(path, epoch, weights_only=False):
         """Collective (every rank's RNG state is gathered); rank 0 writes atomically. weights_only: the model and EMA
@@ -420,20 +426,54 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
                              "class_names": class_names, "rng": states[0], "rng_per_rank": states,
                              "world_size": world_size, "epoch_loss": epoch_progress}, path)
 
-
     # -----------------------------------------------------------------------------
-    # training loop: one epoch after another, a CSV row and a line per epoch
+    # training loop: a line every log_interval steps; every save_interval steps a training_log.csv row (the means
+    # over all ranks since the last) and the latest checkpoint; at each epoch's end its loss, which keeps the
+    # best model, and the epoch checkpoints asked for
 
     log_path = os.path.join(out_dir, "training_log.csv")
-    columns = ["epoch", "step", "loss", "seconds", "data_seconds", "images_per_s", "lr", "elapsed_s"]
+    columns = ["step", "epoch", "images", "loss", "grad_norm", *QUARTERS, "lr", "images_per_s", "elapsed_s"]
     if master:
         os.makedirs(out_dir, exist_ok=True)
+        before_log = os.path.join(out_dir, "metrics.csv")  # train_cpu.py's log before the loops were one
+        if resumed is not None and not os.path.exists(log_path) and os.path.exists(before_log):
+            shutil.copyfile(before_log, log_path)
         restart_metrics(log_path, columns, step if resumed is not None else None)  # rows past the checkpoint go
+
+    def new_window():
+        """Sums on the device since the last row (or line): loss, grad norm, steps, and the loss and sample count
+        by quarter of the timesteps; the host reads them only when it writes."""
+        return torch.zeros(3 + 2 * len(QUARTERS), dtype=torch.float64, device=device)
+
+    def add_to(window, losses, t, grad_norm):
+        quarter = (t * len(QUARTERS) // diffusion.num_steps).clamp(max=len(QUARTERS) - 1)
+        window[0] += losses.mean()
+        window[1] += grad_norm
+        window[2] += 1
+        window[3:3 + len(QUARTERS)].index_add_(0, quarter, losses.double())
+        window[3 + len(QUARTERS):].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float64))
+
+    def means(window):
+        """{loss, grad_norm, q0..q3} of a window's sums; collective where distributed (the sums of every rank)."""
+        if distributed:
+            window = window.clone()
+            dist.all_reduce(window)
+        sums = window.tolist()
+        steps = max(sums[2], 1)
+        quarters = [total / max(count, 1) for total, count in zip(sums[3:3 + len(QUARTERS)], sums[3 + len(QUARTERS):])]
+        return {"loss": sums[0] / steps, "grad_norm": sums[1] / steps, **dict(zip(QUARTERS, quarters))}
+
     model.train()
     generator = torch.Generator(device)
     nonfinite = torch.zeros((), device=device)  # steps whose loss or gradient was nan or inf, counted on the device
+    log_window, row_window = new_window(), new_window()
+    epoch_progress = None  # the current epoch's loss so far, per rank, for a checkpoint written mid-epoch
+    log_seconds = row_seconds = 0.0
     run_started = time.time()
     finished = step >= max_steps
+    # a time-limited run has no meaningful step total; the bar then shows steps and their rate
+    bar = tqdm(total=None if tc["max_minutes"] and not tc["max_steps"] else max_steps, initial=step, desc="training",
+               unit="step", dynamic_ncols=True, disable=not master)
     while not finished:
         epoch, position = divmod(step, steps_per_epoch)
         # the same order on every rank, each taking its share of every global batch; it depends on the epoch
@@ -442,7 +482,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
         batches = random_batches(images, labels, batch_size, generator, cfg["data"]["random_flip"], rank, world_size)
         for _ in range(position):  # a resumed run skips to the batch it stopped before
             next(batches)
-        loss_sum, loss_count, steps_run, epoch_seconds, data_seconds = torch.zeros((), device=device), 0, 0, 0.0, 0.0
+        loss_sum, loss_count = torch.zeros((), device=device), 0
         if position > 0 and resumed is not None and resumed.get("epoch_loss"):  # the stopped run's part of this epoch
             carried, loss_count = resumed["epoch_loss"]
             # this rank's own sum, so the epoch's loss comes out bit for bit as if no run had stopped; from another
@@ -450,32 +490,28 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
             if isinstance(carried, list):
                 carried = carried[rank] if len(carried) == world_size else sum(carried) / len(carried)
             loss_sum += carried
-        bar = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", leave=False, disable=not master,
-                   dynamic_ncols=True)
-        while True:
+        for x, y in batches:
             started = time.perf_counter()
-            batch = next(batches, None)
-            data_seconds += time.perf_counter() - started
-            if batch is None:
-                break
-            x, y = batch
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tc)
-            losses, _, grad_norm = train_step(forward, diffusion, optimizer, x, y, grad_clip=tc["grad_clip"],
-                                              autocast_dtype=autocast_dtype)
+            losses, t, grad_norm = train_step(forward, diffusion, optimizer, x, y, tc["microbatch"], tc["grad_clip"],
+                                              autocast_dtype, no_sync)
             nonfinite += ~(torch.isfinite(grad_norm) & torch.isfinite(losses).all())  # train_step skipped its update
             update_ema(ema, model, ema_rate_at(step, tc["ema_rate"]))
             step += 1
             loss_sum += losses.detach().mean()
             loss_count += 1
-            steps_run += 1
+            for window in (log_window, row_window):
+                add_to(window, losses.detach(), t, grad_norm.detach())
             if device.type == "cuda" and step % tc["log_interval"] == 0:
                 torch.cuda.synchronize()  # so the timing below measures the work, not the queue
             seconds = time.perf_counter() - started
-            epoch_seconds += seconds
             elapsed += seconds
+            log_seconds += seconds
+            row_seconds += seconds
             bar.update(1)
-            if step % check_every and step % steps_per_epoch and step < max_steps:
+            epoch_ended = step % steps_per_epoch == 0
+            if step % check_every and not epoch_ended and step % tc["save_interval"] and step < max_steps:
                 continue  # the last step of an epoch and of the run are checked too: nothing is saved unchecked
             out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
             stop, bad_steps = check_together(stop_requested or out_of_time, nonfinite)
@@ -484,39 +520,51 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
                 fail_together(f"the loss became nan or inf at {bad_steps} step(s) up to step {step}, whose updates were "
                               f"skipped: stopping; the last good checkpoint in {ckpt_dir}/ is untouched "
                               f"(try a lower --training.learning_rate)")
+            finished = stop or step >= max_steps
             if step % tc["log_interval"] == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}")
-            if stop or step >= max_steps:
-                finished = True
+                if master:  # rank 0's own steps: a look, not a collective
+                    sums = log_window.tolist()
+                    shown = {"loss": sums[0] / max(sums[2], 1), "grad_norm": sums[1] / max(sums[2], 1)}
+                    rate = sums[2] * batch_size * world_size / max(log_seconds, 1e-9)
+                    bar.set_postfix(loss=f"{shown['loss']:.4f}", img_s=f"{rate:.1f}")
+                    tqdm.write(f"step {step} | loss {shown['loss']:.4f} | grad_norm {shown['grad_norm']:.4f} | "
+                               f"{rate:.1f} img/s")
+                log_window, log_seconds = new_window(), 0.0
+            if epoch_ended:
+                rank_sums = [loss_sum]
+                if distributed:
+                    rank_sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
+                    dist.all_gather(rank_sums, loss_sum)
+                epoch_loss = sum(value.item() for value in rank_sums) / world_size / max(loss_count, 1)
+                log(f"epoch {epoch + 1} | loss {epoch_loss:.4f} | step {step}")
+                epoch_progress = None  # what the epoch checkpoints hold: nothing of a next epoch yet
+                if epoch_loss < best_loss:
+                    best_loss = epoch_loss
+                    save(best_path, epoch + 1, weights_only=True)
+                if epoch + 1 in tc["checkpoint_epochs"]:
+                    save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch + 1}.pth"), epoch + 1)
+            if step % tc["save_interval"] == 0 or finished:
+                if row_window[2] > 0:
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "images": step * batch_size * world_size,
+                           **means(row_window), "lr": optimizer.param_groups[0]["lr"],
+                           "images_per_s": row_window[2].item() * batch_size * world_size / max(row_seconds, 1e-9),
+                           "elapsed_s": elapsed}
+                    if master:
+                        with open(log_path, "a", newline="") as f:
+                            csv.DictWriter(f, columns).writerow(row)
+                row_window, row_seconds = new_window(), 0.0
+                rank_sums = [loss_sum]  # the epoch so far, which a resumed run carries on
+                if distributed:
+                    rank_sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
+                    dist.all_gather(rank_sums, loss_sum)
+                epoch_progress = None if epoch_ended else ([value.item() for value in rank_sums], loss_count)
+                save(latest_path, step // steps_per_epoch)
+            if finished:
                 break
-        bar.close()
-        epoch_ended = step % steps_per_epoch == 0  # also when a resumed run finished an epoch another one began
-        epoch_done = epoch + 1 if epoch_ended else epoch
-        rank_sums = [loss_sum]
-        if distributed:
-            rank_sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
-            dist.all_gather(rank_sums, loss_sum)
-        rank_sums = [value.item() for value in rank_sums]
-        epoch_loss = sum(rank_sums) / world_size / max(loss_count, 1)
-        epoch_progress = None if epoch_ended else (rank_sums, loss_count)  # a resumed run carries it on
-        rate = steps_run * batch_size * world_size / max(epoch_seconds, 1e-9)
-        partial = "" if epoch_ended else f" ({step % steps_per_epoch}/{steps_per_epoch} steps)"
-        log(f"epoch {epoch + 1}{partial} | loss {epoch_loss:.4f} | {epoch_seconds:.1f} s | {rate:.0f} img/s | "
-            f"data {data_seconds:.2f} s")
-        if master:  # the epoch column is fractional for a run stopped mid-epoch, so the plot's x axis stays true
-            with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow([round(step / steps_per_epoch, 4), step, epoch_loss, epoch_seconds, data_seconds,
-                                        rate, optimizer.param_groups[0]["lr"], elapsed])
-        if epoch_ended and epoch_loss < best_loss:
-            best_loss = epoch_loss
-            save(best_path, epoch_done, weights_only=True)
-        if epoch_ended and epoch_done in tc["checkpoint_epochs"]:
-            save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch_done}.pth"), epoch_done)
-        if finished or (epoch_ended and epoch_done % tc["save_every"] == 0):
-            save(latest_path, epoch_done)
+    bar.close()
 
     # -----------------------------------------------------------------------------
-    # the end: replicas must agree; plots and grids from the EMA weights
+    # the end: replicas must agree; the loss plot, and grids from the EMA weights
 
     if distributed:
         checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
@@ -526,20 +574,24 @@ def main(cfg, resume=None, overwrite=False, overrides=None):
         log(f"ranks in sync: {'yes' if in_sync else 'NO'} (parameter checksum {sums[0].item():.6f})")
     if master:
         total = time.time() - run_started
-        images_seen = step * batch_size * world_size
-        plot_curves(log_path, os.path.join(out_dir, "training_loss.png"), "epoch", ["loss"],
+        plot_curves(log_path, os.path.join(out_dir, "training_loss.png"), "step", ["loss", *QUARTERS],
                     f"training loss | {step} steps, {elapsed / 60:.1f} min of training ({total / 60:.1f} min wall), "
-                    f"{images_seen / max(elapsed, 1e-9):.0f} img/s, {world_size} x {device.type}")
-        if not stop_requested:
-            save_class_grid(ema, cfg, class_names, os.path.join(out_dir, "sample_grid.png"), per_class=10)
-            save_timestep_grid(ema, cfg, os.path.join(out_dir, "timestep_grid_10x10.png"))
-        print(f"done: step {step}, {elapsed / 60:.1f} min of training | {latest_path} | {out_dir}/")
+                    f"{step * batch_size * world_size / max(elapsed, 1e-9):.0f} img/s, {world_size} x {device.type}")
+        written = [latest_path, log_path, os.path.join(out_dir, "training_loss.png")]
+        if tc["grid_per_class"] and not stopped_by_scheduler:  # a preempted job leaves at once; Ctrl-C draws them
+            written += [os.path.join(out_dir, "sample_grid.png"), os.path.join(out_dir, "timestep_grid_10x10.png")]
+            save_class_grid(ema, cfg, class_names, written[-2], per_class=tc["grid_per_class"], progress=True)
+            save_timestep_grid(ema, cfg, written[-1])
+        print(f"done: step {step}, {elapsed / 60:.1f} min of training | wrote {', '.join(written)}")
+        for lock in locks:
+            release_run_folder(lock)
     if distributed:
         leave_process_group(0)  # the other ranks wait here for rank 0's grids
+    # only now the caller's handlers again (a test's, or the default): a repeated SIGTERM while the run plots and
+    # draws its grids must not kill it halfway
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
 
-
-# -----------------------------------------------------------------------------
-# command line: --resume PATH|auto, --overwrite, the rest is configuration
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -291,3 +291,11 @@ def test_the_data_folder_at_hand_is_found_without_downloading(tmp_path, syntheti
     assert os.path.abspath(data_dir_at_hand("")) == batches_dir(synthetic_data)  # ./data, where the fixture wrote it
     monkeypatch.setenv("CIFAR10_DIR", str(empty))
     assert data_dir_at_hand("") is None  # $CIFAR10_DIR is the one place looked at when set
+
+
+def test_loss_plot_takes_rows_written_before_a_column_existed(tmp_path):
+    from data import plot_curves
+    log = tmp_path / "training_log.csv"
+    log.write_text("step,loss,q0\n10,0.5,\n20,0.4,0.3\n")  # the first row from a log without q0
+    plot_curves(str(log), str(tmp_path / "loss.png"), "step", ["loss", "q0"], "title")
+    assert (tmp_path / "loss.png").stat().st_size > 0

@@ -15,7 +15,9 @@ from data import write_synthetic_cifar
 from diffusion import Diffusion, get_beta_schedule
 from model import build_model
 import train_cpu
-from train_cpu import main, train_step
+import train_ddp
+from train_cpu import main
+from train_ddp import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_COMMAND = ("--image_size 32 --num_channels 64 --num_res_blocks 2 --diffusion_steps 1000 --noise_schedule {} "
@@ -59,7 +61,7 @@ def test_seed_command_runs_and_writes_metrics_csv(tmp_path, synthetic_data, caps
     logged = [dict(part.rsplit(" ", 1) for part in line.split(" | ")[:-1])
               for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and " | loss " in line]
     assert [int(entry["step"]) for entry in logged] == [1, 2, 3, 4]
-    with open(tmp_path / "r" / "metrics.csv") as f:
+    with open(tmp_path / "r" / "training_log.csv") as f:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     assert [r["step"] for r in rows] == [2, 4]  # steps / save_interval rows
     assert [r["images"] for r in rows] == [16, 32]  # steps x batch 8
@@ -71,7 +73,7 @@ def test_seed_command_runs_and_writes_metrics_csv(tmp_path, synthetic_data, caps
         assert quarters and min(quarters) <= r["loss"] <= max(quarters)  # the loss is their weighted mean
         assert r["images_per_s"] > 0
     assert 0 < rows[0]["elapsed_s"] < rows[1]["elapsed_s"]
-    for name in ("checkpoint.pth", "loss.png", "samples.png"):
+    for name in ("checkpoint.pth", "training_loss.png", "sample_grid.png"):
         assert (tmp_path / "r" / name).stat().st_size > 0
     state = torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=False)
     assert state["step"] == 4 and state["config"]["diffusion"]["noise_schedule"] == schedule
@@ -118,7 +120,7 @@ def test_resume_continues_exactly(tmp_path, synthetic_data, compiled):
     split = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)
     assert straight["step"] == split["step"] == 6
     assert_same_checkpoint_weights(straight, split)
-    with open(tmp_path / "split" / "metrics.csv") as f:
+    with open(tmp_path / "split" / "training_log.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
 
 
@@ -168,7 +170,7 @@ def test_compile_trains_like_eager(tmp_path, synthetic_data):
     assert compiled["model"].keys() == eager["model"].keys()
     for name, value in eager["model"].items():  # fused code rounds differently: close, not equal
         torch.testing.assert_close(compiled["model"][name], value, rtol=1e-3, atol=1e-4, msg=name)
-    with open(tmp_path / "eager" / "metrics.csv") as f, open(tmp_path / "compiled" / "metrics.csv") as g:
+    with open(tmp_path / "eager" / "training_log.csv") as f, open(tmp_path / "compiled" / "training_log.csv") as g:
         eager_loss, compiled_loss = (float(list(csv.DictReader(h))[-1]["loss"]) for h in (f, g))
     assert abs(eager_loss - compiled_loss) < 1e-3 * eager_loss
 
@@ -380,8 +382,8 @@ def test_improved_diffusion_readme_cifar10_commands_verbatim(tmp_path, synthetic
     state = torch.load(tmp_path / "r" / "checkpoint.pth", weights_only=False)
     d, m, tc = state["config"]["diffusion"], state["config"]["model"], state["config"]["training"]
     assert (d["num_steps"], d["noise_schedule"], m["dropout"], tc["learning_rate"]) == (4000, "cosine", 0.3, 1e-4)
-    assert state["step"] == 2 and (tmp_path / "r" / "samples.png").stat().st_size > 0
-    with open(tmp_path / "r" / "metrics.csv") as f:
+    assert state["step"] == 2 and (tmp_path / "r" / "sample_grid.png").stat().st_size > 0
+    with open(tmp_path / "r" / "training_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2] and all(0 < float(r["loss"]) < 10 for r in rows)
     torch.manual_seed(tc["seed"])  # the initial weights, as train_cpu.py draws them
@@ -392,7 +394,7 @@ def test_improved_diffusion_readme_cifar10_commands_verbatim(tmp_path, synthetic
 def test_class_cond_false_trains_on_the_null_class_and_draws_an_unlabelled_grid(tmp_path, synthetic_data, monkeypatch,
                                                                               capsys):
     seen = []
-    real_forward = train_cpu.train_step
+    real_forward = train_ddp.train_step
 
     def recording_step(model, diffusion, optimizer, x, y, *args, **kwargs):
         hook = model.cond_embed.class_embed.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0]))
@@ -401,13 +403,13 @@ def test_class_cond_false_trains_on_the_null_class_and_draws_an_unlabelled_grid(
         finally:
             hook.remove()
 
-    monkeypatch.setattr(train_cpu, "train_step", recording_step)
+    monkeypatch.setattr(train_ddp, "train_step", recording_step)
     main(["--class_cond", "False", "--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
           "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--max_steps", "2",
           "--output_dir", str(tmp_path), "--sampling.steps=2", "--grid_per_class=2", "--run", "uncond", "--threads=1"])
     assert len(seen) == 2 and all((y == 10).all() for y in seen)  # every label the null class
     assert "unconditional" in capsys.readouterr().out
-    assert (tmp_path / "uncond" / "samples.png").stat().st_size > 0
+    assert (tmp_path / "uncond" / "sample_grid.png").stat().st_size > 0
 
 
 def test_grid_per_class_zero_skips_the_grid(tmp_path, synthetic_data):
@@ -416,7 +418,7 @@ def test_grid_per_class_zero_skips_the_grid(tmp_path, synthetic_data):
     main(["--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2", "--model.num_kv_heads=1",
           "--batch_size", "4", "--data_dir", synthetic_data, "--max_steps", "1", "--output_dir", str(tmp_path),
           "--grid_per_class", "0", "--run", "nogrid", "--threads=1"])
-    assert (tmp_path / "nogrid" / "checkpoint.pth").exists() and not (tmp_path / "nogrid" / "samples.png").exists()
+    assert (tmp_path / "nogrid" / "checkpoint.pth").exists() and not (tmp_path / "nogrid" / "sample_grid.png").exists()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the run's own are gone
 
 
@@ -426,16 +428,16 @@ def test_grid_per_class_zero_skips_the_grid(tmp_path, synthetic_data):
 
 def test_lr_at_warms_up_linearly_then_stays_constant():
     tc = {"learning_rate": 1e-3, "warmup_steps": 4}
-    assert [train_cpu.lr_at(step, tc) for step in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
-    assert train_cpu.lr_at(0, {"learning_rate": 1e-3, "warmup_steps": 0}) == 1e-3
+    assert [train_ddp.lr_at(step, tc) for step in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert train_ddp.lr_at(0, {"learning_rate": 1e-3, "warmup_steps": 0}) == 1e-3
 
 
 def test_ema_rate_at_warms_up_to_the_configured_rate():
-    assert train_cpu.ema_rate_at(0, 0.9999) == pytest.approx(0.1)  # 1 / 10
-    assert train_cpu.ema_rate_at(10, 0.9999) == pytest.approx(11 / 20)
-    assert train_cpu.ema_rate_at(1000, 0.9999) == pytest.approx(1001 / 1010)
-    assert train_cpu.ema_rate_at(10 ** 6, 0.9999) == 0.9999  # the warm-up passes the rate near step 90,000
-    assert train_cpu.ema_rate_at(8, 0.5) == 0.5 and train_cpu.ema_rate_at(7, 0.5) == pytest.approx(8 / 17)
+    assert train_ddp.ema_rate_at(0, 0.9999) == pytest.approx(0.1)  # 1 / 10
+    assert train_ddp.ema_rate_at(10, 0.9999) == pytest.approx(11 / 20)
+    assert train_ddp.ema_rate_at(1000, 0.9999) == pytest.approx(1001 / 1010)
+    assert train_ddp.ema_rate_at(10 ** 6, 0.9999) == 0.9999  # the warm-up passes the rate near step 90,000
+    assert train_ddp.ema_rate_at(8, 0.5) == 0.5 and train_ddp.ema_rate_at(7, 0.5) == pytest.approx(8 / 17)
 
 
 def test_resume_drops_metrics_rows_past_its_checkpoint(tmp_path, synthetic_data):
@@ -443,7 +445,7 @@ def test_resume_drops_metrics_rows_past_its_checkpoint(tmp_path, synthetic_data)
               "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--save_interval", "1",
               "--output_dir", str(tmp_path), "--grid_per_class", "0", "--threads=1"]
     main(common + ["--max_steps", "2", "--run", "crashed"])
-    path = tmp_path / "crashed" / "metrics.csv"
+    path = tmp_path / "crashed" / "training_log.csv"
     with open(path) as f:
         header = f.readline()
     with open(path, "a") as f:  # rows a crash left behind without their checkpoint
@@ -486,13 +488,13 @@ def test_the_same_command_again_stops_before_training_and_keeps_the_run(tmp_path
     after = torch.load(folder / "checkpoint.pth", weights_only=False)
     assert after["step"] == before["step"] == 6
     assert_same_checkpoint_weights(before, after)
-    assert metrics_steps(folder / "metrics.csv") == [2, 4, 6]
+    assert metrics_steps(folder / "training_log.csv") == [2, 4, 6]
     assert not (folder / ".lock").exists()
     # on purpose, it trains over it; resumed, it goes on appending
     main(tiny_run(synthetic_data, tmp_path, "--max_steps", "2", "--overwrite"))
     assert torch.load(folder / "checkpoint.pth", weights_only=False)["step"] == 2
     main(["--resume", str(folder / "checkpoint.pth"), "--max_steps", "4", "--grid_per_class=0"])
-    assert metrics_steps(folder / "metrics.csv") == [2, 4]
+    assert metrics_steps(folder / "training_log.csv") == [2, 4]
 
 
 def hold_lock(folder):
@@ -517,7 +519,7 @@ def test_a_second_job_on_a_folder_in_use_stops_naming_the_holder(tmp_path, synth
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"in use by process {holder.pid} on {socket.gethostname()}" in err
         assert torch.load(tmp_path / "seq" / "checkpoint.pth", weights_only=False)["step"] == 2
-        assert metrics_steps(tmp_path / "seq" / "metrics.csv") == [2]
+        assert metrics_steps(tmp_path / "seq" / "training_log.csv") == [2]
     finally:
         holder.kill()
         holder.wait()
@@ -537,19 +539,34 @@ def test_a_lock_left_by_a_killed_job_is_taken_over_with_a_warning(tmp_path, synt
     assert not (tmp_path / "seq" / ".lock").exists()
 
 
-def test_a_second_sigterm_does_not_break_the_save_the_first_asked_for(tmp_path, synthetic_data):
+def signalled_run(tmp_path, synthetic_data, *signals):
+    """A long tiny run, sent the signals once its first checkpoint is written; (stdout, the checkpoint)."""
     import time
-    args = tiny_run(synthetic_data, tmp_path, "--max_steps", "100000", "--grid_per_class=1", "--sampling.steps=20")
+    args = tiny_run(synthetic_data, tmp_path, "--max_steps", "100000", "--grid_per_class=1", "--sampling.steps=2")
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_cpu.py"), *args], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     checkpoint = tmp_path / "seq" / "checkpoint.pth"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)  # the same signal sent twice at once arrives once: the second comes once the first is seen
-    process.send_signal(signal.SIGTERM)  # a scheduler's repeat, while the run saves and draws its grid
+    for i, signum in enumerate(signals):
+        if i:
+            time.sleep(0.3)  # the same signal sent twice at once arrives once: the second comes once the first is seen
+        process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     state = torch.load(checkpoint, weights_only=False)
-    assert f"step {state['step']} |" in stdout and (tmp_path / "seq" / "samples.png").exists()
+    assert f"done: step {state['step']}," in stdout
+    return stdout, state
+
+
+def test_ctrl_c_saves_and_still_draws_the_grids(tmp_path, synthetic_data):
+    """A person who stops a run with Ctrl-C gets its pictures; a scheduler's SIGTERM (below) does not wait for them."""
+    signalled_run(tmp_path, synthetic_data, signal.SIGINT)
+    assert (tmp_path / "seq" / "sample_grid.png").exists() and (tmp_path / "seq" / "timestep_grid_10x10.png").exists()
+
+
+def test_a_second_sigterm_does_not_break_the_save_the_first_asked_for(tmp_path, synthetic_data):
+    # the second is a scheduler's repeat, while the run saves; saved, the run leaves without the grids
+    signalled_run(tmp_path, synthetic_data, signal.SIGTERM, signal.SIGTERM)
+    assert not (tmp_path / "seq" / "sample_grid.png").exists()

@@ -59,17 +59,18 @@ def read_log(out_dir):
 
 @pytest.mark.slow
 def test_two_process_run_keeps_ranks_identical_and_writes_one_set_of_files(tmp_path, synthetic_data):
-    result = train(*options(tmp_path, synthetic_data, "--training.num_epochs=2", "--training.checkpoint_epochs=[2]"),
+    result = train(*options(tmp_path, synthetic_data, "--training.num_epochs=2", "--training.checkpoint_epochs=[2]",
+                            "--training.save_interval=5"),
                    launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert "ranks in sync: yes" in result.stdout + result.stderr
     assert "2 process(es)" in result.stdout + result.stderr
-    assert sorted(os.listdir(tmp_path / "model")) == ["best_model.pth", "checkpoint_epoch_2.pth",
-                                                      "cifar10_dit_ckpt.pth"]
+    assert sorted(os.listdir(tmp_path / "model")) == ["best_model.pth", "checkpoint.pth",
+                                                      "checkpoint_epoch_2.pth"]
     assert sorted(os.listdir(tmp_path / "outputs")) == ["sample_grid.png", "timestep_grid_10x10.png",
                                                         "training_log.csv", "training_loss.png"]
     with open(tmp_path / "outputs" / "training_log.csv") as f:
-        assert len(f.read().strip().splitlines()) == 1 + 2  # header and one row per epoch, not one per rank
-    state = torch.load(tmp_path / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+        assert len(f.read().strip().splitlines()) == 1 + 2  # header and one row per save, not one per rank
+    state = torch.load(tmp_path / "model" / "checkpoint.pth", weights_only=False)
     # 40 images, 2 ranks of 20, 5 steps of 4 per epoch
     assert state["epoch"] == 2 and state["step"] == 10 and len(state["rng_per_rank"]) == 2
 
@@ -105,7 +106,7 @@ def test_one_process_trains_the_same_weights_as_train_cpu(tmp_path, synthetic_da
                              "--grid_per_class", "0", "--run", "cpu", "--output_dir", str(tmp_path), *settings],
                             capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    ddp = torch.load(tmp_path / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+    ddp = torch.load(tmp_path / "model" / "checkpoint.pth", weights_only=False)
     cpu = torch.load(tmp_path / "cpu" / "checkpoint.pth", weights_only=False)
     assert ddp["step"] == cpu["step"] == 7
     for section in ("model", "diffusion"):
@@ -120,21 +121,23 @@ def test_resume_continues_exactly(tmp_path, synthetic_data, launcher):
     every_epoch = "--training.checkpoint_epochs=[1]"
     per_epoch = 10 if launcher == PYTHON else 5  # 40 images in batches of 4, on one rank or shared by two
     stop, end = per_epoch - 3, per_epoch + 4  # stopped mid-epoch, resumed into the next one
-    train(*options(straight, synthetic_data, f"--training.max_steps={end}", every_epoch), launcher=launcher)
+    straight_run = train(*options(straight, synthetic_data, f"--training.max_steps={end}", every_epoch),
+                         launcher=launcher)
     train(*options(split, synthetic_data, f"--training.max_steps={stop}", every_epoch), launcher=launcher)
     resumed = train(*options(split, synthetic_data, f"--training.max_steps={end}", every_epoch), "--resume", "auto",
                     launcher=launcher)
-    assert f"resumed from {split / 'model' / 'cifar10_dit_ckpt.pth'} at step {stop}" in resumed.stdout
-    a = torch.load(straight / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
-    b = torch.load(split / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+    assert f"resumed from {split / 'model' / 'checkpoint.pth'} at step {stop}" in resumed.stdout
+    a = torch.load(straight / "model" / "checkpoint.pth", weights_only=False)
+    b = torch.load(split / "model" / "checkpoint.pth", weights_only=False)
     assert a["step"] == b["step"] == end
     assert_same_checkpoint_weights(a, b)
-    # the first epoch's loss covers all its steps although two runs trained it
+    # a row at each save, the stop's among them; the first epoch's loss covers all its steps although two runs
+    # trained it
     straight_log, split_log = read_log(straight / "outputs"), read_log(split / "outputs")
-    assert sorted(straight_log) == [per_epoch, end] and sorted(split_log) == [stop, per_epoch, end]
-    assert straight_log[per_epoch]["loss"] == split_log[per_epoch]["loss"]
-    assert straight_log[end]["loss"] == split_log[end]["loss"]
-    assert a["best_loss"] == b["best_loss"] == float(straight_log[per_epoch]["loss"])
+    assert sorted(straight_log) == [end] and sorted(split_log) == [stop, end]
+    epoch_line = [line for line in straight_run.stdout.splitlines() if line.startswith("epoch 1 | loss ")]
+    assert len(epoch_line) == 1 and epoch_line[0] in resumed.stdout
+    assert a["best_loss"] == b["best_loss"] and f"loss {a['best_loss']:.4f} " in epoch_line[0]
     # the epoch the resumed run completed still gets its checkpoint_epoch_1.pth and best_model.pth
     for name in ("checkpoint_epoch_1.pth", "best_model.pth"):
         first, second = (torch.load(run / "model" / name, weights_only=False) for run in (straight, split))
@@ -147,7 +150,7 @@ def test_resume_auto_takes_the_readable_checkpoint_with_the_most_steps_even_of_a
     # 10 steps per epoch: best_model.pth (weights alone) and checkpoint_epoch_1.pth at step 10, the latest at 12
     train(*options(tmp_path, synthetic_data, "--training.max_steps=12", "--training.checkpoint_epochs=[1]"))
     model = tmp_path / "model"
-    latest, best, epoch_1 = model / "cifar10_dit_ckpt.pth", model / "best_model.pth", model / "checkpoint_epoch_1.pth"
+    latest, best, epoch_1 = model / "checkpoint.pth", model / "best_model.pth", model / "checkpoint_epoch_1.pth"
     latest.write_bytes(latest.read_bytes()[:-1000])  # the newest is cut short: a disk that filled up
     state = torch.load(epoch_1, weights_only=False)
     del state["config"]["training"]["log_interval"]  # and the one to resume lacks keys config.yaml gained since
@@ -163,6 +166,23 @@ def test_resume_auto_takes_the_readable_checkpoint_with_the_most_steps_even_of_a
     resumed = torch.load(latest, weights_only=False)
     assert resumed["step"] == 13
     assert resumed["config"]["diffusion"]["prediction"] == "eps"  # the meaning the key had before it existed
+
+
+@pytest.mark.slow
+def test_a_run_saved_under_the_old_latest_name_resumes_and_keeps_its_log(tmp_path, synthetic_data):
+    """Runs from before the one training loop: train_ddp.py's latest was model/cifar10_dit_ckpt.pth, and
+    train_cpu.py's log was metrics.csv beside its checkpoint. --resume auto finds the first; a resumed run with
+    no training_log.csv starts it from the second's rows up to the checkpoint."""
+    train(*options(tmp_path, synthetic_data, "--training.max_steps=6", "--training.save_interval=3"))
+    model, outputs = tmp_path / "model", tmp_path / "outputs"
+    (model / "checkpoint.pth").rename(model / "cifar10_dit_ckpt.pth")
+    (model / "best_model.pth").unlink(missing_ok=True)  # none yet: no epoch has ended
+    (outputs / "training_log.csv").rename(outputs / "metrics.csv")
+    result = train(*options(tmp_path, synthetic_data, "--training.max_steps=9", "--training.save_interval=3"),
+                   "--resume", "auto")
+    assert f"resumed from {model / 'cifar10_dit_ckpt.pth'} at step 6" in result.stdout
+    assert torch.load(model / "checkpoint.pth", weights_only=False)["step"] == 9
+    assert sorted(read_log(outputs)) == [3, 6, 9]
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -186,8 +206,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
                          ids=["one process", "torchrun, two processes", "one process, SIGTERM twice",
                               "torchrun, every worker signalled twice"])
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_auto_continues(tmp_path, synthetic_data, launcher, signals):
-    args = options(tmp_path, synthetic_data, "--training.save_every=1", "--training.num_epochs=1000")
-    latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
+    args = options(tmp_path, synthetic_data, "--training.save_interval=1", "--training.num_epochs=1000")
+    latest = tmp_path / "model" / "checkpoint.pth"
     process = subprocess.Popen([*launcher, os.path.join(ROOT, "train_ddp.py"), *args], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300
@@ -238,9 +258,9 @@ def worker_pids(agent_pid, rank):
 def test_torchrun_max_restarts_survives_a_killed_worker(tmp_path, synthetic_data, disable_shared_store):
     # 40 images, 2 ranks, batch 4: 5 steps an epoch, a checkpoint every epoch
     max_steps = 1500
-    args = options(tmp_path, synthetic_data, "--training.save_every=1", "--training.num_epochs=100000",
+    args = options(tmp_path, synthetic_data, "--training.save_interval=1", "--training.num_epochs=100000",
                    f"--training.max_steps={max_steps}")
-    latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
+    latest = tmp_path / "model" / "checkpoint.pth"
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "--max-restarts=1", os.path.join(ROOT, "train_ddp.py"), *args, "--resume", "auto"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -283,14 +303,14 @@ def test_resume_auto_on_disks_of_their_own_resumes_every_rank_from_rank_0s_choic
     (node0, node1), prelude = node_disks(tmp_path)
     train(*options(node0, synthetic_data, "--training.max_steps=4"))
     (node1 / "model").mkdir()
-    state = torch.load(node0 / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
-    torch.save(state, node1 / "model" / "cifar10_dit_ckpt.pth")  # the copy rank 0 will choose
+    state = torch.load(node0 / "model" / "checkpoint.pth", weights_only=False)
+    torch.save(state, node1 / "model" / "checkpoint.pth")  # the copy rank 0 will choose
     torch.save(dict(state, step=9), node1 / "model" / "best_model.pth")  # newer, but on rank 1's disk alone
     result = train(*options(tmp_path, synthetic_data, "--training.max_steps=6"), *ON_EACH_DISK, "--resume", "auto",
                    launcher=TORCHRUN, script=patched(tmp_path, prelude))
-    assert f"resumed from {os.path.join('model', 'cifar10_dit_ckpt.pth')} at step 4" in result.stdout
+    assert f"resumed from {os.path.join('model', 'checkpoint.pth')} at step 4" in result.stdout
     assert "ranks in sync: yes" in result.stdout
-    assert torch.load(node0 / "model" / "cifar10_dit_ckpt.pth", weights_only=False)["step"] == 6
+    assert torch.load(node0 / "model" / "checkpoint.pth", weights_only=False)["step"] == 6
 
 
 @pytest.mark.slow
@@ -302,11 +322,11 @@ def test_a_rank_whose_disk_lacks_the_chosen_checkpoint_gets_rank_0s_copy_and_kee
     result = train(*options(tmp_path, synthetic_data, "--training.max_steps=4"), *ON_EACH_DISK, "--resume", "auto",
                    launcher=TORCHRUN, script=patched(tmp_path, prelude), timeout=300)  # or a hang
     assert "rank 0 sent" in result.stdout and "rank(s) 1" in result.stdout, result.stdout[-3000:]
-    assert f"resumed from {os.path.join('model', 'cifar10_dit_ckpt.pth')} at step 2" in result.stdout
+    assert f"resumed from {os.path.join('model', 'checkpoint.pth')} at step 2" in result.stdout
     assert "ranks in sync: yes" in result.stdout
-    received = torch.load(node1 / "model" / "cifar10_dit_ckpt.pth", weights_only=False)
+    received = torch.load(node1 / "model" / "checkpoint.pth", weights_only=False)
     assert received["step"] == 2  # kept on rank 1's own disk, for the next restart
-    assert torch.load(node0 / "model" / "cifar10_dit_ckpt.pth", weights_only=False)["step"] == 4
+    assert torch.load(node0 / "model" / "checkpoint.pth", weights_only=False)["step"] == 4
 
 
 @pytest.mark.slow
@@ -350,7 +370,7 @@ torch.compile = recording_compile
           script=patched(tmp_path, prelude))
     assert (tmp_path / "compiled").read_text().split() == ["DistributedDataParallel"] * 2  # one per rank
     plain = build_model(load_config(TINY)["model"]).state_dict().keys()
-    latest = str(tmp_path / "model" / "cifar10_dit_ckpt.pth")
+    latest = str(tmp_path / "model" / "checkpoint.pth")
     state = torch.load(latest, weights_only=False)
     assert state["model"].keys() == state["ema"].keys() == plain  # no _orig_mod. or module. prefixes
     for use_ema in (True, False):  # and an uncompiled model loads them
@@ -359,7 +379,7 @@ torch.compile = recording_compile
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, synthetic_data):
     train(*options(tmp_path, synthetic_data, "--training.max_steps=2"))
-    latest = tmp_path / "model" / "cifar10_dit_ckpt.pth"
+    latest = tmp_path / "model" / "checkpoint.pth"
     good = latest.read_bytes()
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"),
                              *options(tmp_path, synthetic_data, "--training.max_steps=30",
@@ -402,14 +422,14 @@ def test_a_non_finite_gradient_skips_the_fused_step_and_leaves_weights_and_state
 def test_the_same_command_again_under_torchrun_stops_before_training_and_keeps_the_run(tmp_path, synthetic_data):
     train(*options(tmp_path, synthetic_data, "--training.max_steps=3"), launcher=TORCHRUN)
     model_dir = tmp_path / "model"
-    before = torch.load(model_dir / "cifar10_dit_ckpt.pth", weights_only=False)
+    before = torch.load(model_dir / "checkpoint.pth", weights_only=False)
     log_before = (tmp_path / "outputs" / "training_log.csv").read_text()
     again = train(*options(tmp_path, synthetic_data, "--training.max_steps=1"), launcher=TORCHRUN, check=False)
     assert again.returncode != 0
     refusal = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert len(refusal) == 1 and str(model_dir) in refusal[0] and "already holds a run" in refusal[0]
     assert "--resume auto" in refusal[0] and "--overwrite" in refusal[0]
-    after = torch.load(model_dir / "cifar10_dit_ckpt.pth", weights_only=False)
+    after = torch.load(model_dir / "checkpoint.pth", weights_only=False)
     assert after["step"] == before["step"] == 3
     assert_same_checkpoint_weights(before, after)
     assert (tmp_path / "outputs" / "training_log.csv").read_text() == log_before

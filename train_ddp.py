@@ -512,7 +512,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
             bar.update(1)
             epoch_ended = step % steps_per_epoch == 0
             if step % check_every and not epoch_ended and step % tc["save_interval"] and step < max_steps:
-                continue  # the last step of an epoch and of the run are checked too: nothing is saved unchecked
+                continue  # epoch ends, saves and the run's last step are checked too: nothing is saved unchecked
             out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
             stop, bad_steps = check_together(stop_requested or out_of_time, nonfinite)
             if bad_steps:
@@ -545,8 +545,9 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
                     save(os.path.join(ckpt_dir, f"checkpoint_epoch_{epoch + 1}.pth"), epoch + 1)
             if step % tc["save_interval"] == 0 or finished:
                 if row_window[2] > 0:
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "images": step * batch_size * world_size,
-                           **means(row_window), "lr": optimizer.param_groups[0]["lr"],
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                           "images": step * batch_size * world_size, **means(row_window),
+                           "lr": optimizer.param_groups[0]["lr"],
                            "images_per_s": row_window[2].item() * batch_size * world_size / max(row_seconds, 1e-9),
                            "elapsed_s": elapsed}
                     if master:

@@ -463,6 +463,14 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
         quarters = [total / max(count, 1) for total, count in zip(sums[3:3 + len(QUARTERS)], sums[3 + len(QUARTERS):])]
         return {"loss": sums[0] / steps, "grad_norm": sums[1] / steps, **dict(zip(QUARTERS, quarters))}
 
+    def rank_loss_sums(loss_sum):
+        """Every rank's loss sum for the epoch so far, as floats; collective where distributed."""
+        sums = [loss_sum]
+        if distributed:
+            sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
+            dist.all_gather(sums, loss_sum)
+        return [value.item() for value in sums]
+
     model.train()
     generator = torch.Generator(device)
     nonfinite = torch.zeros((), device=device)  # steps whose loss or gradient was nan or inf, counted on the device
@@ -531,11 +539,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
                                f"{rate:.1f} img/s")
                 log_window, log_seconds = new_window(), 0.0
             if epoch_ended:
-                rank_sums = [loss_sum]
-                if distributed:
-                    rank_sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
-                    dist.all_gather(rank_sums, loss_sum)
-                epoch_loss = sum(value.item() for value in rank_sums) / world_size / max(loss_count, 1)
+                epoch_loss = sum(rank_loss_sums(loss_sum)) / world_size / max(loss_count, 1)
                 log(f"epoch {epoch + 1} | loss {epoch_loss:.4f} | step {step}")
                 epoch_progress = None  # what the epoch checkpoints hold: nothing of a next epoch yet
                 if epoch_loss < best_loss:
@@ -554,11 +558,8 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
                         with open(log_path, "a", newline="") as f:
                             csv.DictWriter(f, columns).writerow(row)
                 row_window, row_seconds = new_window(), 0.0
-                rank_sums = [loss_sum]  # the epoch so far, which a resumed run carries on
-                if distributed:
-                    rank_sums = [torch.zeros_like(loss_sum) for _ in range(world_size)]
-                    dist.all_gather(rank_sums, loss_sum)
-                epoch_progress = None if epoch_ended else ([value.item() for value in rank_sums], loss_count)
+                # the epoch so far, which a resumed run carries on (every rank takes the same branch)
+                epoch_progress = None if epoch_ended else (rank_loss_sums(loss_sum), loss_count)
                 save(latest_path, step // steps_per_epoch)
             if finished:
                 break

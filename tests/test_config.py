@@ -97,6 +97,8 @@ def test_a_value_of_the_wrong_type_is_a_one_line_error(capsys, arg, named, expec
     (["--diffusion.min_snr_gamma=0"], "min_snr_gamma=0.0 must be positive"),
     (["--sampling.guidance_interval=[5, 1]"], "guidance_interval=[5, 1]"),
     (["--sampling.guidance_interval=[1]"], "expected [] or [low, high]"),
+    (["--training.batch_size=6", "--training.microbatch=4"],
+     "training.batch_size=6 is not divisible by training.microbatch=4"),
 ])
 def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     assert expected in one_line_error(capsys, args)
@@ -116,6 +118,10 @@ def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     ("--diffusion.timestep_sampling=logit", "diffusion.timestep_sampling='logit' is not one of uniform, lognormal"),
     ("--diffusion.lognormal_std=0", "diffusion.lognormal_std=0.0 must be positive"),
     ("--training.adam_betas=[0.9]", "training.adam_betas=[0.9]: expected two numbers in [0, 1)"),
+    ("--training.microbatch=-1", "training.microbatch=-1: expected a whole number of at least 0"),
+    ("--training.threads=-2", "training.threads=-2: expected a whole number of at least 0"),
+    ("--training.save_interval=0", "training.save_interval=0: expected a whole number of at least 1"),
+    ("--training.grid_per_class=-1", "training.grid_per_class=-1: expected a whole number of at least 0"),
     ("--training.adam_betas=[0.9,1.0]", "training.adam_betas=[0.9, 1.0]: expected two numbers in [0, 1)"),
 ])
 def test_a_bad_choice_is_a_one_line_error(capsys, arg, expected):

@@ -115,6 +115,8 @@ def check(cfg):
     if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
                                                                 for b in betas)):
         fail(f"training.adam_betas={betas!r}: expected two numbers in [0, 1), like [0.9, 0.999]")
+    if not 0 <= t["lr_cooldown"] <= 1:
+        fail(f"training.lr_cooldown={t['lr_cooldown']}: expected a fraction of the run in [0, 1]")
     if d["lognormal_std"] <= 0:
         fail(f"diffusion.lognormal_std={d['lognormal_std']} must be positive")
     interval = cfg["sampling"]["guidance_interval"]

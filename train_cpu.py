@@ -37,7 +37,6 @@ NOT_SUPPORTED = {
     "use_scale_shift_norm": (True, "the UNet's residual blocks always take the timestep as a scale and shift"),
     "schedule_sampler": ("uniform", "training timesteps are drawn uniformly"),
     "timestep_respacing": ("", "training uses every diffusion step (sampling's steps are --sampling.steps)"),
-    "lr_anneal_steps": (0, "the learning rate warms up, then stays constant (--max_steps N stops at step N)"),
 }
 
 
@@ -76,6 +75,8 @@ def parse_args(argv):
     parser.add_argument("--noise_schedule", choices=["linear", "cosine", "polynomial"])
     for name in ("lr", "dropout", "weight_decay"):
         parser.add_argument(f"--{name}", type=float)
+    parser.add_argument("--lr_anneal_steps", type=int, default=0, help="N > 0: the learning rate falls linearly to "
+                        "zero at step N, where training stops (--training.lr_cooldown=1 --training.max_steps=N)")
     parser.add_argument("--ema_rate", type=rates, help="one EMA is kept, at the first rate given")
     parser.add_argument("--class_cond", type=boolean, help="False: an unconditional model (model.class_dropout=1)")
     parser.add_argument("--use_fp16", type=boolean, help="True: this CPU's half precision, bf16 autocast with fp32 "
@@ -136,7 +137,8 @@ def build_config(args, overrides, base=None):
              "model.num_channels": args.num_channels, "model.num_res_blocks": args.num_res_blocks,
              "diffusion.num_steps": args.diffusion_steps, "diffusion.noise_schedule": args.noise_schedule,
              "training.learning_rate": args.lr, "training.batch_size": args.batch_size,
-             "training.max_steps": args.max_steps, "model.unet_num_heads": args.num_heads,
+             "training.max_steps": args.max_steps or args.lr_anneal_steps or None,
+             "training.lr_cooldown": 1.0 if args.lr_anneal_steps > 0 else None, "model.unet_num_heads": args.num_heads,
              "model.dropout": args.dropout, "training.weight_decay": args.weight_decay,
              "training.ema_rate": rate, "training.seed": args.seed, "training.max_minutes": args.max_minutes,
              # improved-diffusion saves every 10,000 steps, unless told or the preset says otherwise
@@ -163,6 +165,11 @@ def build_config(args, overrides, base=None):
         fail(f"--microbatch={args.microbatch}: expected -1 (off) or a positive size")
     if args.microbatch > 0 and args.batch_size and args.batch_size % args.microbatch:
         fail(f"--batch_size={args.batch_size} is not divisible by --microbatch={args.microbatch}")
+    if args.lr_anneal_steps < 0:
+        fail(f"--lr_anneal_steps={args.lr_anneal_steps}: expected 0 (a constant rate) or the step where it reaches zero")
+    if args.lr_anneal_steps and args.max_steps not in (None, args.lr_anneal_steps):
+        fail(f"--lr_anneal_steps={args.lr_anneal_steps} with --max_steps={args.max_steps}: the rate reaches zero "
+             f"where the run stops; give one of them")
     if args.threads is not None and args.threads < 1:
         fail(f"--threads={args.threads} must be at least 1")
     given = [f"--{key}={value}" for key, value in flags.items() if value is not None]

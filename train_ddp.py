@@ -48,10 +48,26 @@ from sample import save_class_grid, save_timestep_grid
 QUARTERS = ["q0", "q1", "q2", "q3"]  # loss by quarter of the timestep range, q0 the least noisy
 
 
-def lr_at(step, training_cfg):
-    """Linear warm-up to learning_rate over warmup_steps, then constant (as improved-diffusion and DiT)."""
-    warmup = training_cfg["warmup_steps"]
-    return training_cfg["learning_rate"] * min(1.0, (step + 1) / warmup) if warmup > 0 else training_cfg["learning_rate"]
+def lr_at(step, training_cfg, progress=0.0):
+    """Linear warm-up to learning_rate over warmup_steps, then constant (as improved-diffusion and DiT). With
+    lr_cooldown > 0 the rate then falls linearly to zero over that last fraction of the run, progress being the
+    fraction done (warmup-stable-decay, Hagele et al. 2024): a run of a known length, in steps or minutes, ends
+    on annealed weights, and the stable phase needs no length decided in advance."""
+    rate = training_cfg["learning_rate"]
+    if training_cfg["warmup_steps"] > 0:
+        rate *= min(1.0, (step + 1) / training_cfg["warmup_steps"])
+    cooldown = training_cfg["lr_cooldown"]
+    if cooldown > 0:
+        rate *= min(1.0, max(0.0, 1.0 - progress) / cooldown)
+    return rate
+
+
+def run_progress(step, max_steps, elapsed, max_minutes):
+    """The fraction of the run done: of its steps, or of its minutes where those end it sooner."""
+    done = step / max_steps
+    if max_minutes > 0:
+        done = max(done, elapsed / (60 * max_minutes))
+    return min(1.0, done)
 
 
 def train_step(model, diffusion, optimizer, x, y, microbatch=0, grad_clip=0.0, autocast_dtype=None, no_sync=None):
@@ -397,14 +413,17 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
 
     check_every = tc["log_interval"] if device.type == "cuda" else 1
 
-    def check_together(stop, nonfinite):
-        """(whether any rank stops, the most non-finite steps any rank counted): decided together, or the ranks
-        that carry on would wait forever for those that stopped. One all-reduce, one wait for the device."""
-        flags = torch.stack([torch.tensor(float(stop), device=device), nonfinite])
+    def check_together(stop, nonfinite, elapsed):
+        """(whether any rank stops, the most non-finite steps any rank counted, the longest training time of any
+        rank): decided together, or the ranks that carry on would wait forever for those that stopped, and a
+        cooldown timed by minutes would give each rank its own learning rate. One all-reduce, one wait for the
+        device."""
+        flags = torch.tensor([float(stop), 0.0, elapsed], dtype=torch.float64, device=device)
+        flags[1] = nonfinite
         if distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, nonfinite = flags.tolist()
-        return stop > 0, int(nonfinite)
+        stop, nonfinite, elapsed = flags.tolist()
+        return stop > 0, int(nonfinite), elapsed
 
     def save(path, epoch, weights_only=False):
         """Collective (every rank's RNG state is gathered); rank 0 writes atomically. weights_only: the model and EMA
@@ -479,6 +498,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
     log_seconds = row_seconds = 0.0
     run_started = time.time()
     finished = step >= max_steps
+    agreed_elapsed = elapsed  # the training time all ranks agreed on at the last check, which times a cooldown
     # a time-limited run has no meaningful step total; the bar then shows steps and their rate
     bar = tqdm(total=None if tc["max_minutes"] and not tc["max_steps"] else max_steps, initial=step, desc="training",
                unit="step", dynamic_ncols=True, disable=not master)
@@ -501,7 +521,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
         for x, y in batches:
             started = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tc)
+                group["lr"] = lr_at(step, tc, run_progress(step, max_steps, agreed_elapsed, tc["max_minutes"]))
             losses, t, grad_norm = train_step(forward, diffusion, optimizer, x, y, tc["microbatch"], tc["grad_clip"],
                                               autocast_dtype, no_sync)
             nonfinite += ~(torch.isfinite(grad_norm) & torch.isfinite(losses).all())  # train_step skipped its update
@@ -522,7 +542,7 @@ def main(cfg, resume=None, overwrite=False, overrides=None, ways_on=None):
             if step % check_every and not epoch_ended and step % tc["save_interval"] and step < max_steps:
                 continue  # epoch ends, saves and the run's last step are checked too: nothing is saved unchecked
             out_of_time = tc["max_minutes"] > 0 and elapsed >= 60 * tc["max_minutes"]
-            stop, bad_steps = check_together(stop_requested or out_of_time, nonfinite)
+            stop, bad_steps, agreed_elapsed = check_together(stop_requested or out_of_time, nonfinite, elapsed)
             if bad_steps:
                 bar.close()  # so the error starts its own line
                 fail_together(f"the loss became nan or inf at {bad_steps} step(s) up to step {step}, whose updates were "

@@ -2,6 +2,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +271,11 @@ def test_every_image_train_flag_at_its_default_is_taken(capsys):
     (["--rescale_timesteps", "True"], ("diffusion", "num_steps"), 1000),  # the identity at 1000 steps
     (["--rescale_learned_sigmas", "False", "--fp16_scale_growth", "0.01"], ("model", "num_channels"), 64),
     (["--class_cond", "False", "--model.class_dropout=0.2"], ("model", "class_dropout"), 0.2),  # overrides win
+    # improved-diffusion anneals the rate linearly to zero at lr_anneal_steps and stops there
+    (["--lr_anneal_steps", "5000"], ("training", "lr_cooldown"), 1.0),
+    (["--lr_anneal_steps", "5000"], ("training", "max_steps"), 5000),
+    (["--lr_anneal_steps", "5000", "--max_steps", "5000"], ("training", "max_steps"), 5000),
+    ([], ("training", "lr_cooldown"), 0.0),
 ])
 def test_image_train_flags_map_onto_config(argv, key, expected):
     assert config_of(argv)[key[0]][key[1]] == expected
@@ -308,7 +314,8 @@ def test_several_ema_rates_keep_the_first_and_say_so(capsys):
     (["--use_scale_shift_norm", "False"], ["--use_scale_shift_norm False is not supported", "scale and shift"]),
     (["--schedule_sampler", "loss-second-moment"], ["--schedule_sampler loss-second-moment is not supported"]),
     (["--timestep_respacing", "250"], ["--timestep_respacing 250 is not supported", "--sampling.steps"]),
-    (["--lr_anneal_steps", "5000"], ["--lr_anneal_steps 5000 is not supported", "--max_steps"]),
+    (["--lr_anneal_steps", "-1"], ["--lr_anneal_steps=-1", "expected 0"]),
+    (["--lr_anneal_steps", "5000", "--max_steps", "4000"], ["--lr_anneal_steps=5000 with --max_steps=4000"]),
     (["--num_heads", "4", "--num_heads_upsample", "2"], ["--num_heads_upsample 2 is not supported"]),
     (["--diffusion_steps", "4000", "--rescale_timesteps", "True"], ["--rescale_timesteps True is not supported"]),
     (["--learn_sigma", "True", "--use_kl", "True"], ["--learn_sigma True is not supported", "nor --use_kl True"]),
@@ -427,9 +434,49 @@ def test_grid_per_class_zero_skips_the_grid(tmp_path, synthetic_data):
 
 
 def test_lr_at_warms_up_linearly_then_stays_constant():
-    tc = {"learning_rate": 1e-3, "warmup_steps": 4}
+    tc = {"learning_rate": 1e-3, "warmup_steps": 4, "lr_cooldown": 0.0}
     assert [train_ddp.lr_at(step, tc) for step in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
-    assert train_ddp.lr_at(0, {"learning_rate": 1e-3, "warmup_steps": 0}) == 1e-3
+    assert train_ddp.lr_at(0, {"learning_rate": 1e-3, "warmup_steps": 0, "lr_cooldown": 0.0}) == 1e-3
+    assert train_ddp.lr_at(5, tc, progress=0.99) == 1e-3  # no cooldown: constant to the end
+
+
+def test_lr_at_cools_down_linearly_to_zero_over_the_runs_last_fraction():
+    tc = {"learning_rate": 1e-3, "warmup_steps": 0, "lr_cooldown": 0.25}
+    progress = [0.0, 0.5, 0.75, 0.8, 0.875, 0.95, 1.0, 1.2]
+    assert [train_ddp.lr_at(100, tc, p) for p in progress] == pytest.approx([1e-3, 1e-3, 1e-3, 8e-4, 5e-4, 2e-4, 0, 0])
+    # improved-diffusion's lr_anneal_steps: the whole run is the cooldown, lr (1 - step / N), times the warm-up
+    tc = {"learning_rate": 1e-3, "warmup_steps": 2, "lr_cooldown": 1.0}
+    assert [train_ddp.lr_at(s, tc, s / 10) for s in (0, 1, 5, 9)] == pytest.approx([5e-4, 9e-4, 5e-4, 1e-4])
+
+
+def test_run_progress_counts_steps_or_minutes_whichever_ends_the_run_first():
+    assert train_ddp.run_progress(25, 100, elapsed=0.0, max_minutes=0) == 0.25
+    assert train_ddp.run_progress(25, 100, elapsed=9999.0, max_minutes=0) == 0.25  # no time limit
+    assert train_ddp.run_progress(25, 100, elapsed=45.0, max_minutes=1.0) == 0.75  # minutes end it first
+    assert train_ddp.run_progress(90, 100, elapsed=6.0, max_minutes=1.0) == 0.9  # steps end it first
+    assert train_ddp.run_progress(10, 100, elapsed=120.0, max_minutes=1.0) == 1.0
+
+
+def test_a_cooldown_ends_the_run_at_a_rate_near_zero_and_resumes_exactly(tmp_path, synthetic_data):
+    common = ["--model", "dit", "--model.hidden_dim=32", "--model.depth=1", "--model.num_heads=2",
+              "--model.num_kv_heads=1", "--batch_size", "4", "--data_dir", synthetic_data, "--save_interval", "4",
+              "--output_dir", str(tmp_path), "--grid_per_class=0", "--training.warmup_steps=0",
+              "--training.precision=fp32", "--training.learning_rate=1e-3", "--training.lr_cooldown=0.5",
+              "--max_steps", "16", "--training.checkpoint_epochs=[1]"]  # 40 images: epoch 1 ends at step 10
+    main(common + ["--run", "straight"])
+    with open(tmp_path / "straight" / "training_log.csv") as f:
+        rates = [float(r["lr"]) for r in csv.DictReader(f)]
+    # each row holds the rate of its last step, the one from step - 1 to step: constant over the first half,
+    # then (1 - (step - 1) / 16) / 0.5 of it
+    assert rates == pytest.approx([1e-3, 1e-3, 6.25e-4, 1.25e-4])
+    # a run resumed inside the cooldown (from step 10) goes on down the same slope
+    os.makedirs(tmp_path / "split")
+    shutil.copy(tmp_path / "straight" / "checkpoint_epoch_1.pth", tmp_path / "split" / "checkpoint.pth")
+    main(["--resume", str(tmp_path / "split" / "checkpoint.pth"), "--output_dir", str(tmp_path),
+          "--grid_per_class=0", "--save_interval", "4"])
+    split = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)
+    assert split["step"] == 16 and split["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1.25e-4)
+    assert_same_checkpoint_weights(torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False), split)
 
 
 def test_ema_rate_at_warms_up_to_the_configured_rate():

@@ -15,7 +15,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 # what a key meant before it existed, for configs saved in checkpoints older than the key: such a model was
 # trained on eps with plain MSE, whatever config.yaml's default is now
 LEGACY_VALUES = {"diffusion": {"prediction": "eps", "loss_weighting": "none", "zero_terminal_snr": False,
-                               "timestep_sampling": "uniform"},
+                               "timestep_sampling": "uniform", "lognormal_mean": -1.2, "lognormal_std": 1.2},
                  "model": {"skip": False, "final_conv": False, "stem": "patch", "mlp_conv": False}}
 
 

@@ -128,7 +128,8 @@ def build_config(args, overrides, base=None):
     preset = read_yaml(args.config) if args.config and base is None else None
     preset_model = preset.get("model") if isinstance(preset, dict) else None
     default_model = None if base or isinstance(preset_model, dict) and "name" in preset_model else "unet"
-    # and it trains eps with plain MSE, whatever config.yaml's default objective, unless the preset names one
+    # and it trains eps with plain MSE on uniform timesteps, whatever config.yaml's default objective, unless the
+    # preset names its own
     preset_diffusion = preset.get("diffusion") if isinstance(preset, dict) else None
     named = lambda key: base or isinstance(preset_diffusion, dict) and key in preset_diffusion  # noqa: E731
     preset_training = preset.get("training") if isinstance(preset, dict) else None
@@ -151,6 +152,7 @@ def build_config(args, overrides, base=None):
              "model.class_dropout": 1.0 if args.class_cond is False else None,  # every label the null class
              "diffusion.prediction": "x0" if args.predict_xstart else (None if named("prediction") else "eps"),
              "diffusion.loss_weighting": None if named("loss_weighting") else "none",
+             "diffusion.timestep_sampling": None if named("timestep_sampling") else "uniform",
              "sampling.variance": None if args.sigma_small is None else ("small" if args.sigma_small else "large"),
              "model.attention_resolutions": None if args.attention_resolutions is None
              else f"[{args.attention_resolutions}]"}

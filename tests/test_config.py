@@ -222,7 +222,7 @@ def test_a_checkpoint_from_before_the_dit_options_stays_a_plain_dit_whatever_the
     del old["diffusion"]["timestep_sampling"]
     newer = defaults()
     newer["model"].update(skip=True, final_conv=True, stem="conv", mlp_conv=True)
-    newer["diffusion"]["timestep_sampling"] = "lognormal"
+    newer["diffusion"].update(timestep_sampling="uniform", lognormal_mean=0.5, lognormal_std=2.0)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(newer))
     monkeypatch.setattr(config, "DEFAULT_CONFIG", str(tmp_path / "config.yaml"))
     cfg = load_config([], base=old)
@@ -230,6 +230,22 @@ def test_a_checkpoint_from_before_the_dit_options_stays_a_plain_dit_whatever_the
     assert (m["skip"], m["final_conv"], m["stem"], m["mlp_conv"]) == (False, False, "patch", False)
     assert cfg["diffusion"]["timestep_sampling"] == "uniform"
     assert load_config([])["model"]["skip"] is True  # while a new run takes the new default
+
+
+def test_a_log_normal_run_from_before_its_centre_was_a_key_resumes_at_edms_centre(tmp_path, monkeypatch):
+    """diffusion.lognormal_mean and lognormal_std came after timestep_sampling: lognormal, which drew EDM's
+    N(-1.2, 1.2^2) until then; such a run must resume on the levels it trained on, whatever the default now."""
+    import config
+    import yaml
+    old = load_config(["--diffusion.timestep_sampling=lognormal"])
+    del old["diffusion"]["lognormal_mean"], old["diffusion"]["lognormal_std"]
+    newer = defaults()
+    newer["diffusion"].update(lognormal_mean=0.5, lognormal_std=2.0)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(newer))
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(tmp_path / "config.yaml"))
+    d = load_config([], base=old)["diffusion"]
+    assert (d["timestep_sampling"], d["lognormal_mean"], d["lognormal_std"]) == ("lognormal", -1.2, 1.2)
+    assert load_config([])["diffusion"]["lognormal_mean"] == 0.5  # while a new run takes the new default
 
 
 def test_a_script_exits_with_status_two_and_no_traceback():

@@ -256,9 +256,12 @@ def test_every_image_train_flag_at_its_default_is_taken(capsys):
     (["--predict_xstart", "False"], ("diffusion", "prediction"), "eps"),
     ([], ("diffusion", "prediction"), "eps"),  # image_train.py's objective, whatever config.yaml's default
     ([], ("diffusion", "loss_weighting"), "none"),
+    ([], ("diffusion", "timestep_sampling"), "uniform"),  # improved-diffusion's uniform schedule sampler
     # unless the preset names its own
     (["--config", os.path.join(ROOT, "configs", "cpu_2h.yaml")], ("diffusion", "prediction"), "v"),
     (["--config", os.path.join(ROOT, "configs", "cpu_2h.yaml")], ("diffusion", "loss_weighting"), "min_snr"),
+    (["--config", os.path.join(ROOT, "configs", "cpu_dit_2h.yaml")], ("diffusion", "timestep_sampling"), "lognormal"),
+    (["--config", os.path.join(ROOT, "configs", "cpu_dit_2h.yaml")], ("diffusion", "loss_weighting"), "none"),
     (["--diffusion.prediction=v"], ("diffusion", "prediction"), "v"),
     ([], ("training", "compile"), False),  # image_train.py does not compile, whatever config.yaml's GPU default
     (["--compile"], ("training", "compile"), True),

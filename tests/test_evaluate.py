@@ -218,7 +218,8 @@ def test_checkpoint_to_results_json_with_inception_and_classifier_metrics(worksp
     for key in ("fid_score", "inception_score_mean", "inception_score_std", "kid_mean", "classifier_fid",
                 "classifier_accuracy"):
         assert np.isfinite(results[key]), key
-    assert results["fid_score"] > 0 and results["inception_score_mean"] >= 1
+    # an inception score is at least 1; a model that draws one class scores 1 to within rounding
+    assert results["fid_score"] > 0 and results["inception_score_mean"] >= 1 - 1e-9
     assert results["sampler"] == "dpm++2m" and results["steps"] == 2 and results["reference"] == reference
     assert len(results["classifier_accuracy_per_class"]) == 10 and results["timing"]["samples_per_s"] > 0
     assert (tmp_path / "real_vs_fake.png").stat().st_size > 0

@@ -97,7 +97,9 @@ def test_microbatching_equals_one_full_batch_step(microbatch):
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     results = []
     for m, size in ((model, 0), (micro, microbatch)):
-        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        # plain SGD, whose step is the gradient's: Adam's first step divides each gradient by its own size,
+        # so an element whose gradient is near zero would turn summation rounding into a visible difference
+        optimizer = torch.optim.SGD(m.parameters(), lr=1e-3)
         torch.manual_seed(1)  # the same t and noise for both
         results.append(train_step(m, diffusion, optimizer, x, y, microbatch=size, grad_clip=1.0))
     torch.testing.assert_close(results[0][0], results[1][0])

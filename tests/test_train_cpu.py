@@ -58,7 +58,7 @@ def test_seed_command_runs_and_writes_metrics_csv(tmp_path, synthetic_data, caps
                                                           "--save_interval", "2", "--log_interval", "1",
                                                           "--run", "r", "--output_dir", str(tmp_path)] + SMALL
     main(args)
-    # the line logged after each step: "step N | loss L | grad_norm G | R img/s"
+    # each step's printed line: the step, then name-value pairs split by " | ", the rate last
     logged = [dict(part.rsplit(" ", 1) for part in line.split(" | ")[:-1])
               for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and " | loss " in line]
     assert [int(entry["step"]) for entry in logged] == [1, 2, 3, 4]

@@ -123,6 +123,8 @@ def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     ("--training.save_interval=0", "training.save_interval=0: expected a whole number of at least 1"),
     ("--training.grid_per_class=-1", "training.grid_per_class=-1: expected a whole number of at least 0"),
     ("--training.adam_betas=[0.9,1.0]", "training.adam_betas=[0.9, 1.0]: expected two numbers in [0, 1)"),
+    ("--training.lr_cooldown=1.5", "training.lr_cooldown=1.5: expected a fraction of the run in [0, 1]"),
+    ("--training.lr_cooldown=-0.1", "training.lr_cooldown=-0.1: expected a fraction of the run in [0, 1]"),
 ])
 def test_a_bad_choice_is_a_one_line_error(capsys, arg, expected):
     assert expected in one_line_error(capsys, [arg])

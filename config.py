@@ -16,7 +16,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 # trained on eps with plain MSE, whatever config.yaml's default is now
 LEGACY_VALUES = {"diffusion": {"prediction": "eps", "loss_weighting": "none", "zero_terminal_snr": False,
                                "timestep_sampling": "uniform", "lognormal_mean": -1.2, "lognormal_std": 1.2},
-                 "model": {"skip": False, "final_conv": False, "stem": "patch", "mlp_conv": False}}
+                 "model": {"skip": False, "final_conv": False, "stem": "patch", "mlp_conv": False,
+                           "downsample": False}}
 
 
 def fail(message):
@@ -82,6 +83,9 @@ def check(cfg):
         fail(f"num_heads={m['num_heads']} is not a multiple of num_kv_heads={m['num_kv_heads']}")
     if m["image_size"] % m["patch_size"]:
         fail(f"image_size={m['image_size']} is not divisible by patch_size={m['patch_size']}")
+    if m["name"] == "dit" and m["downsample"] and (m["image_size"] // m["patch_size"]) % 2:
+        fail(f"downsample=True halves the token grid, but image_size / patch_size = "
+             f"{m['image_size'] // m['patch_size']} is odd")
     if m["name"] == "dit" and (m["hidden_dim"] // m["num_heads"]) % 2:
         fail(f"hidden_dim / num_heads = {m['hidden_dim'] // m['num_heads']} must be even")
     if m["name"] == "dit" and m["pos_embed"] == "sincos" and m["hidden_dim"] % 4:

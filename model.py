@@ -173,6 +173,20 @@ class TokenConv(nn.Module):
         return torch.cat([x[:, :extra], out], dim=1) if extra else out
 
 
+def halve_token_grid(x, grid):
+    """(B, g*g, C) -> (B, g*g/4, 4C): each 2x2 square of tokens becomes one token (pixel unshuffle)."""
+    B, N, C = x.shape
+    image = x.reshape(B, grid, grid, C).permute(0, 3, 1, 2)
+    return F.pixel_unshuffle(image, 2).flatten(2).transpose(1, 2)
+
+
+def double_token_grid(x, grid):
+    """The inverse of halve_token_grid: (B, g*g/4, 4C) -> (B, g*g, C), grid being the full grid g."""
+    B, N, C4 = x.shape
+    image = x.transpose(1, 2).reshape(B, C4, grid // 2, grid // 2)
+    return F.pixel_shuffle(image, 2).flatten(2).transpose(1, 2)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. With adaLN the conditioning vector c sets a shift, scale and gate for
     each half; without it (token conditioning) c has already been prepended as a token and is ignored.
@@ -211,17 +225,22 @@ class DiT(nn.Module):
     final_conv: a 3x3 convolution on the unpatchified output, which sees across the patch borders (U-ViT);
     stem: "patch", the DiT paper's strided patch embedding, or "conv", two 3x3 convolutions at full
     resolution before it (Xiao et al. 2021, "Early convolutions help transformers see better");
-    mlp_conv: a depthwise 3x3 convolution over the token grid inside each MLP (LocalViT, U-DiT).
+    mlp_conv: a depthwise 3x3 convolution over the token grid inside each MLP (LocalViT, U-DiT);
+    downsample: U-DiT's U shape, where the middle third of the blocks works on the token grid halved each way
+    (each 2x2 square of tokens merged into one), at a quarter of their cost, and adds its result back to the
+    full grid it started from.
     Each starts as the identity, so a new model is still the identity through its blocks and predicts zeros."""
 
     def __init__(self, image_size=32, image_channels=3, num_classes=10, patch_size=4, hidden_dim=384, depth=12,
                  num_heads=8, num_kv_heads=2, mlp_ratio=4.0, conditioning="adaln", pos_embed="sincos",
-                 class_dropout=0.1, dropout=0.0, skip=False, final_conv=False, stem="patch", mlp_conv=False):
+                 class_dropout=0.1, dropout=0.0, skip=False, final_conv=False, stem="patch", mlp_conv=False,
+                 downsample=False):
         super().__init__()
         self.image_channels, self.patch_size, self.num_classes = image_channels, patch_size, num_classes
         self.grid = image_size // patch_size
         self.adaln = conditioning == "adaln"
-        num_tokens = self.grid ** 2 + (0 if self.adaln else 1)  # token mode: one extra condition token first
+        self.extra_tokens = 0 if self.adaln else 1  # token mode: one extra condition token first
+        num_tokens = self.grid ** 2 + self.extra_tokens
         if stem == "conv":
             self.stem = nn.Sequential(nn.Conv2d(image_channels, STEM_CHANNELS, 3, padding=1), nn.GELU(approximate="tanh"),
                                       nn.Conv2d(STEM_CHANNELS, STEM_CHANNELS, 3, padding=1), nn.GELU(approximate="tanh"))
@@ -239,9 +258,15 @@ class DiT(nn.Module):
             self.register_buffer("pos_embed", table[None], persistent=False)
         # with skips, block i's output also feeds block depth-1-i: the out half is the blocks past the middle
         self.num_skips = depth // 2 if skip else 0
+        # with downsample, blocks [down_from, down_to) see the halved grid; the range is symmetric about the
+        # middle, so a long skip always joins two blocks on the same grid
+        self.down_from, self.down_to = (depth // 3, depth - depth // 3) if downsample else (depth, depth)
+        self.down = nn.Linear(4 * hidden_dim, hidden_dim) if downsample else None
+        self.up = nn.Linear(hidden_dim, 4 * hidden_dim) if downsample else None
+        grids = [self.grid // 2 if self.down_from <= i < self.down_to else self.grid for i in range(depth)]
         self.blocks = nn.ModuleList(Block(hidden_dim, num_heads, num_kv_heads, mlp_ratio, dropout, self.adaln,
                                           skip_in=i >= depth - self.num_skips,
-                                          mlp_conv_grid=self.grid if mlp_conv else 0)
+                                          mlp_conv_grid=grids[i] if mlp_conv else 0)
                                     for i in range(depth))
         self.final_norm = nn.LayerNorm(hidden_dim, elementwise_affine=not self.adaln, eps=1e-6)
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim)) if self.adaln else None
@@ -281,6 +306,8 @@ class DiT(nn.Module):
         if self.final_conv is not None:
             nn.init.dirac_(self.final_conv.weight)
             nn.init.zeros_(self.final_conv.bias)
+        if self.up is not None:  # the halved grid's result is added to the full grid: zero adds nothing
+            nn.init.zeros_(self.up.weight)
 
     def forward(self, x, t, y):
         H, W = x.shape[-2:]
@@ -292,11 +319,18 @@ class DiT(nn.Module):
             tokens = torch.cat([c[:, None], tokens], dim=1)  # (B, 1 + g*g, hidden)
         tokens = tokens + self.pos_embed
         skips = []
+        e = self.extra_tokens
         for i, block in enumerate(self.blocks):
+            if i == self.down_from:
+                full = tokens
+                tokens = torch.cat([tokens[:, :e], self.down(halve_token_grid(tokens[:, e:], self.grid))], dim=1)
             skip = skips.pop() if block.skip_linear is not None else None
             tokens = block(tokens, c, skip)
             if i < self.num_skips:
                 skips.append(tokens)
+            if i == self.down_to - 1 and self.down is not None:
+                tokens = torch.cat([tokens[:, :e], full[:, e:] + double_token_grid(self.up(tokens[:, e:]), self.grid)],
+                                   dim=1)
         if self.adaln:
             shift, scale = self.final_adaln(c).unsqueeze(1).chunk(2, dim=-1)
             tokens = modulate(self.final_norm(tokens), shift, scale)
@@ -429,7 +463,7 @@ def build_model(model_cfg):
         return DiT(patch_size=c["patch_size"], hidden_dim=c["hidden_dim"], depth=c["depth"], num_heads=c["num_heads"],
                    num_kv_heads=c["num_kv_heads"], mlp_ratio=c["mlp_ratio"], conditioning=c["conditioning"],
                    pos_embed=c["pos_embed"], skip=c["skip"], final_conv=c["final_conv"], stem=c["stem"],
-                   mlp_conv=c["mlp_conv"], **common)
+                   mlp_conv=c["mlp_conv"], downsample=c["downsample"], **common)
     return UNet(num_channels=c["num_channels"], num_res_blocks=c["num_res_blocks"], channel_mult=c["channel_mult"],
                 attention_resolutions=c["attention_resolutions"], num_heads=c["unet_num_heads"], **common)
 
@@ -449,7 +483,8 @@ def model_summary(model, model_cfg):
     params = sum(p.numel() for p in model.parameters())
     if c["name"] == "dit":
         options = [name for name, on in (("skip", c["skip"]), ("final_conv", c["final_conv"]),
-                                         ("conv stem", c["stem"] == "conv"), ("mlp_conv", c["mlp_conv"])) if on]
+                                         ("conv stem", c["stem"] == "conv"), ("mlp_conv", c["mlp_conv"]),
+                                         ("downsample", c["downsample"])) if on]
         arch = (f"DiT {c['conditioning']} patch {c['patch_size']} dim {c['hidden_dim']} depth {c['depth']} "
                 f"heads {c['num_heads']}/{c['num_kv_heads']} kv" + "".join(f" +{o}" for o in options))
     else:

@@ -1,6 +1,6 @@
 """
 make bench, DiT options: what each of the DiT's convolutional options (model.skip, final_conv, stem,
-mlp_conv) and torch.compile cost the DiT recipe's training step (configs/cpu_dit_2h.yaml) on this CPU, one
+mlp_conv, downsample) and torch.compile cost the DiT recipe's training step (configs/cpu_dit_2h.yaml) on this CPU, one
 optimiser step at the recipe's batch and objective, at the precision training.precision=auto picks, the
 contenders taking turns round by round. The arms of RESULTS.md run at equal time, so a slower option has to
 win back its lost steps; this is the table that says how many it loses.
@@ -25,9 +25,11 @@ from model import autocast_dtype_for, build_model  # noqa: E402
 from train_ddp import make_optimizer, train_step  # noqa: E402
 
 RECIPE = ["--config", os.path.join(ROOT, "configs", "cpu_dit_2h.yaml")]
-ALL = ["--model.skip=true", "--model.final_conv=true", "--model.stem=conv", "--model.mlp_conv=true"]
-CONTENDERS = [("recipe", []), ("+skip", ALL[:1]), ("+final_conv", ALL[1:2]), ("+stem conv", ALL[2:3]),
-              ("+mlp_conv", ALL[3:]), ("+all four", ALL)]
+# the recipe trains with mlp_conv, so its row is the recipe without it; the others are added to the recipe
+ADDED = ["--model.skip=true", "--model.final_conv=true", "--model.stem=conv", "--model.downsample=true"]
+CONTENDERS = [("recipe", []), ("-mlp_conv", ["--model.mlp_conv=false"]), ("+skip", ADDED[:1]),
+              ("+final_conv", ADDED[1:2]), ("+stem conv", ADDED[2:3]), ("+downsample", ADDED[3:]),
+              ("+all four", ADDED)]
 
 
 def timed_step(cfg_args, batch, dtype, compiled):

@@ -115,6 +115,8 @@ def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     ("--diffusion.loss_weighting=p2", "diffusion.loss_weighting='p2' is not one of none, min_snr"),
     ("--training.precision=fp16", "training.precision='fp16' is not one of auto, fp32, bf16"),
     ("--model.stem=resnet", "model.stem='resnet' is not one of patch, conv"),
+    ("--model.downsample=true --model.image_size=24 --model.patch_size=8",
+     "downsample=True halves the token grid, but image_size / patch_size = 3 is odd"),
     ("--diffusion.timestep_sampling=logit", "diffusion.timestep_sampling='logit' is not one of uniform, lognormal"),
     ("--diffusion.lognormal_std=0", "diffusion.lognormal_std=0.0 must be positive"),
     ("--training.adam_betas=[0.9]", "training.adam_betas=[0.9]: expected two numbers in [0, 1)"),
@@ -127,7 +129,7 @@ def test_impossible_combinations_are_one_line_errors(capsys, args, expected):
     ("--training.lr_cooldown=-0.1", "training.lr_cooldown=-0.1: expected a fraction of the run in [0, 1]"),
 ])
 def test_a_bad_choice_is_a_one_line_error(capsys, arg, expected):
-    assert expected in one_line_error(capsys, [arg])
+    assert expected in one_line_error(capsys, arg.split())
 
 
 # -----------------------------------------------------------------------------
@@ -219,17 +221,18 @@ def test_a_checkpoint_from_before_the_dit_options_stays_a_plain_dit_whatever_the
     import config
     import yaml
     old = load_config(["--model.name=dit"])
-    for key in ("skip", "final_conv", "stem", "mlp_conv"):
+    for key in ("skip", "final_conv", "stem", "mlp_conv", "downsample"):
         del old["model"][key]
     del old["diffusion"]["timestep_sampling"]
     newer = defaults()
-    newer["model"].update(skip=True, final_conv=True, stem="conv", mlp_conv=True)
+    newer["model"].update(skip=True, final_conv=True, stem="conv", mlp_conv=True, downsample=True)
     newer["diffusion"].update(timestep_sampling="uniform", lognormal_mean=0.5, lognormal_std=2.0)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(newer))
     monkeypatch.setattr(config, "DEFAULT_CONFIG", str(tmp_path / "config.yaml"))
     cfg = load_config([], base=old)
     m = cfg["model"]
-    assert (m["skip"], m["final_conv"], m["stem"], m["mlp_conv"]) == (False, False, "patch", False)
+    assert (m["skip"], m["final_conv"], m["stem"], m["mlp_conv"], m["downsample"]) == (False, False, "patch", False,
+                                                                                       False)
     assert cfg["diffusion"]["timestep_sampling"] == "uniform"
     assert load_config([])["model"]["skip"] is True  # while a new run takes the new default
 

@@ -128,7 +128,7 @@ def test_without_attention_an_output_pixel_depends_only_on_its_input_patch(condi
 
 
 @pytest.mark.parametrize("conditioning", ["adaln", "token"])
-@pytest.mark.parametrize("options", [{}, dict(skip=True, final_conv=True, stem="conv", mlp_conv=True)],
+@pytest.mark.parametrize("options", [{}, dict(skip=True, final_conv=True, stem="conv", mlp_conv=True, downsample=True)],
                          ids=["plain", "every option"])
 def test_dit_fits_four_images_at_fixed_t_and_noise(conditioning, options):
     """With t, noise and label fixed the target is a fixed tensor, which either conditioning memorises to well
@@ -251,11 +251,11 @@ def test_update_ema_equals_a_lerp_per_parameter():
 
 
 # -----------------------------------------------------------------------------
-# the DiT's convolutional options (model.skip, final_conv, stem, mlp_conv)
+# the DiT's convolutional options (model.skip, final_conv, stem, mlp_conv, downsample)
 
 OPTIONS = {"skip": dict(skip=True), "final_conv": dict(final_conv=True), "stem": dict(stem="conv"),
-           "mlp_conv": dict(mlp_conv=True),
-           "all": dict(skip=True, final_conv=True, stem="conv", mlp_conv=True)}
+           "mlp_conv": dict(mlp_conv=True), "downsample": dict(downsample=True),
+           "all": dict(skip=True, final_conv=True, stem="conv", mlp_conv=True, downsample=True)}
 EACH_OPTION = pytest.mark.parametrize("option", list(OPTIONS))
 
 
@@ -408,6 +408,56 @@ def test_final_conv_lets_an_output_pixel_see_across_its_patch_border():
     assert touched.nonzero().flatten().tolist() == [0, 1, 8, 9]
 
 
+@pytest.mark.parametrize("B,grid,C", [(1, 2, 1), (2, 4, 3), (3, 8, 16), (2, 6, 5)])
+def test_halving_the_token_grid_merges_each_2x2_square_and_doubling_undoes_it(B, grid, C):
+    x = torch.randn(B, grid * grid, C)
+    halved = model_module.halve_token_grid(x, grid)
+    assert halved.shape == (B, grid * grid // 4, 4 * C)
+    half = grid // 2
+    for r in range(half):
+        for c in range(half):
+            square = [x[:, (2 * r + dy) * grid + 2 * c + dx] for dy in range(2) for dx in range(2)]  # 4 x (B, C)
+            assert torch.equal(halved[:, r * half + c], torch.stack(square, dim=-1).reshape(B, 4 * C))
+    assert torch.equal(model_module.double_token_grid(halved, grid), x)
+
+
+@pytest.mark.parametrize("depth,halved", [(1, [0]), (2, [0, 1]), (3, [1]), (5, [1, 2, 3]), (6, [2, 3])])
+@pytest.mark.parametrize("conditioning", ["adaln", "token"])
+def test_downsample_runs_the_middle_third_of_the_blocks_on_a_quarter_of_the_tokens(depth, halved, conditioning):
+    """The middle blocks see the 8 x 8 grid as 4 x 4 (plus the condition token with token conditioning), the
+    others the full grid; a trained model's output still depends on every block, and on each block's input
+    through the halved grid's way back (the up projection) as well as past it."""
+    model = randomised(tiny_dit(depth=depth, conditioning=conditioning, downsample=True, skip=True, mlp_conv=True))
+    extra = 0 if conditioning == "adaln" else 1
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    x, t, y = inputs(2)
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    assert seen == [extra + (16 if i in halved else 64) for i in range(depth)]
+    out.square().sum().backward()
+    for i, block in enumerate(model.blocks):
+        assert block.attn.qkv.weight.grad.abs().max() > 0, i
+    assert model.down.weight.grad.abs().max() > 0 and model.up.weight.grad.abs().max() > 0
+
+
+def test_downsample_costs_about_three_quarters_of_the_plain_dit():
+    """A third of the blocks at a quarter of the tokens: the recipe's DiT costs 3/4 of itself, plus the two
+    projections between the grids."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = load_config(["--config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                                                 "cpu_dit_2h.yaml")])
+
+    def flops(**options):
+        model = build_model({**cfg["model"], **options})
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, 3, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        return counter.get_total_flops()
+    plain = flops()
+    assert 0.7 * plain < flops(downsample=True) < 0.85 * plain
+
+
 @pytest.mark.parametrize("image_size,patch_size", [(32, 4), (16, 2), (12, 4)])
 def test_conv_stem_keeps_the_token_grid_and_costs_under_15_percent(image_size, patch_size):
     cfg = load_config(["--model.name=dit", "--model.hidden_dim=192", "--model.depth=6", "--model.num_heads=6",
@@ -430,7 +480,7 @@ def test_options_off_keep_the_parameter_names_of_a_dit_without_them():
     checkpoint saved before the options existed loads strictly."""
     names = {k: v.shape for k, v in tiny_dit().state_dict().items()}
     assert "blocks.0.mlp.3.weight" in names and "final_conv.weight" not in names
-    assert not any("skip" in k or "stem" in k for k in names)
+    assert not any("skip" in k or "stem" in k or k.startswith(("down.", "up.")) for k in names)
 
 
 def test_a_dit_checkpoint_saved_before_the_options_loads_and_samples_as_it_did():
